@@ -1,0 +1,151 @@
+"""The one place that names every training parameter.
+
+`TrainConfig` is read by the `train` CLI (its options are generated from the fields), by the
+tuning search spaces (which override fields by name) and by the MLproject (whose `train`
+parameters are these field names; a test checks they agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import click
+
+from smids_ml import SmidsError
+
+MODELS = ("simple_cnn", "improved_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
+OPTIMIZERS = ("Adam", "AdamW", "SGD")
+MONITORS = ("valid_f1", "valid_acc", "valid_loss")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _opt(default, help, choices=None, tunable=True):
+    return field(default=default, metadata={"help": help, "choices": choices, "tunable": tunable})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run does. Defaults suit real stained SMIDS crops."""
+
+    # data
+    data: str = _opt("data", "Data root: one folder per class (found up to two levels down).", tunable=False)
+    split_manifest: str | None = _opt(None, "Reuse this manifest CSV (its split) instead of splitting anew.", tunable=False)
+    classes: str | None = _opt(None, "Comma-separated class folders to use (default: every class folder found).", tunable=False)
+    valid_frac: float = _opt(0.15, "Fraction of images for validation.", tunable=False)
+    test_frac: float = _opt(0.15, "Fraction of images held out for the test split.", tunable=False)
+    strict: bool = _opt(False, "Fail on any unreadable image instead of skipping it.", tunable=False)
+    # input
+    image_size: int = _opt(112, "Side of the square network input, in pixels.")
+    channels: int = _opt(3, "3 keeps the stain colour (recommended for SMIDS); 1 is grayscale as in the original study.", (1, 3))
+    resize: str = _opt("pad", "pad keeps the aspect ratio (head shape is the signal); stretch distorts it as the original study did.", ("pad", "stretch"))
+    augment: bool = _opt(True, "Random rotation (any angle), flips, small affine and brightness/contrast on training batches.")
+    augment_strength: float = _opt(1.0, "Scales the affine and photometric augmentation (0 turns them off, rotation and flips stay).")
+    # model
+    model: str = _opt("improved_cnn", "Architecture.", MODELS)
+    pretrained: bool = _opt(False, "Start from torchvision ImageNet weights (must already be in the torch cache).")
+    dropout_rate: float = _opt(0.35, "Dropout before the classifier.")
+    # optimisation
+    epochs: int = _opt(50, "Maximum number of epochs.")
+    patience: int = _opt(10, "Stop after this many epochs without improvement of --monitor (0: never stop early).")
+    batch: int = _opt(32, "Batch size.")
+    lr: float = _opt(1e-4, "Learning rate.")
+    optimizer: str = _opt("Adam", "Optimizer (SGD uses momentum 0.9).", OPTIMIZERS)
+    weight_decay: float = _opt(0.0, "Weight decay.")
+    scheduler: str = _opt("cosine", "Learning-rate schedule over --epochs.", ("cosine", "none"))
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.")
+    monitor: str = _opt("valid_f1", "Validation metric for early stopping and model selection (valid_f1 is macro F1).", MONITORS)
+    # runtime
+    seed: int = _opt(42, "Seed for the split, initialisation, shuffling and augmentation.", tunable=False)
+    device: str = _opt("auto", "Where to train.", DEVICES, tunable=False)
+    num_threads: int = _opt(0, "Torch CPU threads (0: torch's default).", tunable=False)
+
+    def validate(self) -> "TrainConfig":
+        """Raise SmidsError on the first bad value, before anything is created."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.patience >= 0, f"--patience must be 0 or more, got {self.patience}"),
+            (self.batch >= 1, f"--batch must be at least 1, got {self.batch}"),
+            (self.lr > 0, f"--lr must be greater than 0, got {self.lr}"),
+            (0 <= self.dropout_rate < 1, f"--dropout-rate must be in [0, 1), got {self.dropout_rate}"),
+            (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.augment_strength >= 0, f"--augment-strength must be 0 or more, got {self.augment_strength}"),
+            (self.image_size >= 16, f"--image-size must be at least 16, got {self.image_size}"),
+            (0 < self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
+             f"--valid-frac and --test-frac must be in (0, 1) and sum below 1, got {self.valid_frac} and {self.test_frac}"),
+            (self.num_threads >= 0, f"--num-threads must be 0 or more, got {self.num_threads}"),
+        ]
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            checks.append((not choices or value in choices,
+                           f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices or ()))}, got {value!r}"))
+        for ok, message in checks:
+            if not ok:
+                raise SmidsError(message)
+        return self
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise SmidsError(f"unknown training parameter(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def class_list(self) -> list[str] | None:
+        return [c.strip() for c in self.classes.split(",") if c.strip()] if self.classes else None
+
+
+def config_options(exclude: tuple[str, ...] = ()):
+    """A decorator adding one click option per TrainConfig field (booleans as `--x [BOOL]` and `--no-x`)."""
+
+    def decorate(command):
+        for f in reversed(fields(TrainConfig)):
+            if f.name in exclude:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata["help"]
+            choices = f.metadata.get("choices")
+            if f.type in ("bool", bool):
+                command = click.option(f"--no-{f.name.replace('_', '-')}", f"no_{f.name}", is_flag=True,
+                                       help=f"Same as {flag} false.")(command)
+                command = click.option(flag, f.name, type=click.BOOL, is_flag=False, flag_value=True,
+                                       default=f.default, show_default=True, help=help_text)(command)
+                continue
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            if choices:
+                kind = click.Choice([str(c) for c in choices])
+            command = click.option(flag, f.name, type=kind, default=f.default, show_default=f.default is not None,
+                                   help=help_text)(command)
+        return command
+
+    return decorate
+
+
+def config_from_options(options: dict[str, Any]) -> TrainConfig:
+    """Build a validated TrainConfig from the keyword arguments click passed; pops what it uses."""
+    values = {}
+    for f in fields(TrainConfig):
+        if f.name not in options:
+            continue
+        value = options.pop(f.name)
+        if options.pop(f"no_{f.name}", False):
+            value = False
+        if f.name == "channels":
+            value = int(value)
+        values[f.name] = value
+    return TrainConfig(**values).validate()

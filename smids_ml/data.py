@@ -1,0 +1,419 @@
+"""From a folder of class folders to batches of tensors.
+
+scan → check (decode, hash, find duplicates) → split (stratified, seeded, duplicates kept together)
+→ manifest CSV → cache (decode + resize once into uint8 tensors) → batches (augmented on tensors).
+
+Labels come from the folder, never from the file name: real copies of SMIDS have file names that
+disagree with their folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from smids_ml import SmidsError
+from smids_ml.console import progress
+
+SMIDS_CLASSES = ("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm")
+CLASS_ALIASES = {"Non_Sperm": "Non-Sperm", "Non Sperm": "Non-Sperm", "NonSperm": "Non-Sperm"}
+IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+MAX_PIXELS = 40_000_000  # per image; larger ones are refused before decoding (decompression bombs)
+MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "bytes", "split"]
+CACHE_FORMAT = 1  # bump when prepare_image changes, so stale caches are rebuilt
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image; the message says why."""
+
+
+# --------------------------------------------------------------------------- images
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image fully (path or bytes), refusing empty, truncated, non-image and oversized input."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageError("empty input (0 bytes)")
+        stream = io.BytesIO(source)
+    else:
+        if os.path.getsize(source) == 0:
+            raise ImageError("empty file (0 bytes)")
+        stream = source
+    try:
+        image = Image.open(stream)
+        if image.width * image.height > max_pixels:
+            raise ImageError(f"{image.width}x{image.height} pixels is over the limit of {max_pixels:,}")
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"over the pixel limit ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image in a readable format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"truncated or corrupt image ({exc})") from None
+    return image
+
+
+def pixel_hash(image: Image.Image) -> str:
+    """Hash of the decoded RGB pixels: the same picture saved as bmp and png hashes the same."""
+    rgb = image.convert("RGB")
+    digest = hashlib.blake2b(f"{rgb.width}x{rgb.height}".encode(), digest_size=16)
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def prepare_image(image: Image.Image, size: int, channels: int, resize: str) -> torch.Tensor:
+    """The evaluation preprocessing, shared by training, evaluation and serving: uint8 C×size×size."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if resize == "stretch":
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    else:  # pad: keep the aspect ratio, fill with the crop's own border colour
+        scale = size / max(image.size)
+        inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resized = image.resize(inner, Image.Resampling.BILINEAR)
+        pixels = np.asarray(image)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        fill = tuple(int(v) for v in np.atleast_1d(np.median(border, axis=0)))
+        image = Image.new(image.mode, (size, size), fill if channels == 3 else fill[0])
+        image.paste(resized, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] → float in [-1, 1] (mean 0.5, std 0.5, as the original study)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def canonical_class(name: str) -> str:
+    return CLASS_ALIASES.get(name, name)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _class_folders(folder: Path) -> dict[str, Path]:
+    """Sub-folders of `folder` that hold image files, by canonical class name."""
+    found = {}
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in child.iterdir() if p.is_file()):
+            found.setdefault(canonical_class(child.name), child)
+    return found
+
+
+def find_class_root(root: str | os.PathLike, classes: list[str] | None = None) -> Path:
+    """The folder whose sub-folders are the classes: `root` itself or one or two levels below it.
+
+    Archives often unpack as `SMIDS/SMIDS/<Class>/`; the shallowest folder holding the wanted
+    classes (or, without --classes, the most class folders) wins.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise SmidsError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise SmidsError(f"data root {root} is not a folder")
+    wanted = {canonical_class(c) for c in classes} if classes else None
+    candidates = [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]
+    candidates += [q for p in candidates[1:] for q in sorted(p.iterdir()) if q.is_dir()]
+    best, best_score = None, 0
+    for folder in candidates:
+        names = set(_class_folders(folder))
+        score = len(names & wanted) if wanted else len(names & set(SMIDS_CLASSES)) * 100 + len(names)
+        if score > best_score:
+            best, best_score = folder, score
+    if best is None:
+        seen = ", ".join(sorted(p.name for p in root.iterdir())) or "nothing"
+        raise SmidsError(f"no class folder with images under {root} (found: {seen}); "
+                         f"expected one folder per class such as {', '.join(SMIDS_CLASSES)}")
+    return best
+
+
+def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
+    """List (path relative to the class root, label) for every image file; labels from folders."""
+    class_root = find_class_root(root, classes)
+    folders = _class_folders(class_root)
+    if classes:
+        missing = [c for c in classes if canonical_class(c) not in folders]
+        if missing:
+            raise SmidsError(f"class folder(s) {', '.join(missing)} not found in {class_root} "
+                             f"(found: {', '.join(folders) or 'none'})")
+        folders = {canonical_class(c): folders[canonical_class(c)] for c in classes}
+    rows = [(p.relative_to(class_root).as_posix(), label)
+            for label, folder in folders.items() for p in _image_files(folder)]
+    return class_root, pd.DataFrame(rows, columns=["path", "label"])
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclass
+class CheckReport:
+    """What check() found: usable rows, skipped files and duplicate groups."""
+
+    frame: pd.DataFrame
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    duplicates: list[list[str]] = field(default_factory=list)  # same-label groups of paths
+    conflicts: list[list[str]] = field(default_factory=list)  # groups spanning several labels
+
+    def lines(self) -> list[str]:
+        out = [f"skipped {path}: {reason}" for path, reason in self.problems]
+        out += [f"duplicates (kept in one split): {', '.join(g)}" for g in self.duplicates]
+        out += [f"label conflict (excluded): {', '.join(g)}" for g in self.conflicts]
+        return out
+
+
+def describe_file(path: Path) -> dict:
+    """Decode one file and describe it; raises ImageError."""
+    image = open_image(path)
+    return {"hash": pixel_hash(image), "width": image.width, "height": image.height,
+            "bytes": path.stat().st_size}
+
+
+def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckReport:
+    """Decode every image, hash its pixels, skip (or with strict, refuse) what cannot be read."""
+    rows, problems = [], []
+    with progress(list(frame.itertuples(index=False)), "Checking images") as items:
+        for row in items:
+            try:
+                rows.append({"path": row.path, "label": row.label, **describe_file(class_root / row.path)})
+            except ImageError as exc:
+                problems.append((row.path, str(exc)))
+    if problems and strict:
+        path, reason = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SmidsError(f"{class_root / path}: {reason}{more}; drop --strict to skip unreadable files")
+    checked = pd.DataFrame(rows, columns=MANIFEST_COLUMNS[:-1])
+    duplicates, conflicts = [], []
+    for _, group in checked.groupby("hash", sort=False):
+        if len(group) > 1:
+            paths = sorted(group["path"])
+            (conflicts if group["label"].nunique() > 1 else duplicates).append(paths)
+    excluded = {p for g in conflicts for p in g}
+    checked = checked[~checked["path"].isin(excluded)].reset_index(drop=True)
+    return CheckReport(checked, problems, duplicates, conflicts)
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split(frame: pd.DataFrame, valid_frac: float = 0.15, test_frac: float = 0.15, seed: int = 42) -> pd.DataFrame:
+    """Stratified, seeded train/valid/test split by unique content: duplicates share one split."""
+    groups = frame.drop_duplicates("hash")[["hash", "label"]].sort_values("hash")
+    rng = np.random.default_rng(seed)
+    assignment = {}
+    for label, members in groups.groupby("label", sort=True):
+        hashes = members["hash"].to_numpy()
+        if len(hashes) < 3:
+            raise SmidsError(f"class {label} has {len(hashes)} distinct readable image(s); at least 3 are needed "
+                             "to give train, valid and test one each")
+        hashes = hashes[rng.permutation(len(hashes))]
+        n_test = min(max(1, round(len(hashes) * test_frac)), len(hashes) - 2)
+        n_valid = min(max(1, round(len(hashes) * valid_frac)), len(hashes) - n_test - 1)
+        for i, h in enumerate(hashes):
+            assignment[h] = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
+    out = frame.copy()
+    out["split"] = out["hash"].map(assignment)
+    return out
+
+
+def assign_folds(frame: pd.DataFrame, folds: int, seed: int = 42) -> pd.Series:
+    """Stratified k-fold assignment by unique content (duplicates share a fold)."""
+    groups = frame.drop_duplicates("hash")[["hash", "label"]].sort_values("hash")
+    rng = np.random.default_rng(seed)
+    fold_of = {}
+    for label, members in groups.groupby("label", sort=True):
+        hashes = members["hash"].to_numpy()
+        if len(hashes) < folds:
+            raise SmidsError(f"class {label} has {len(hashes)} distinct images, fewer than {folds} folds")
+        for i, h in enumerate(hashes[rng.permutation(len(hashes))]):
+            fold_of[h] = i % folds
+    return frame["hash"].map(fold_of)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Dataset:
+    """A checked, split data set: where it lives, its manifest rows and its class names."""
+
+    root: Path
+    manifest: pd.DataFrame
+    classes: list[str]
+    report: CheckReport | None = None
+
+    def part(self, name: str) -> pd.DataFrame:
+        return self.manifest[self.manifest["split"] == name]
+
+    def fingerprint(self) -> str:
+        """One hash naming the exact images, labels and split."""
+        text = self.manifest[["path", "label", "hash", "split"]].to_csv(index=False)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def counts(self) -> pd.DataFrame:
+        return self.manifest.groupby(["label", "split"]).size().unstack(fill_value=0)
+
+
+def build_dataset(root, classes=None, valid_frac=0.15, test_frac=0.15, seed=42, strict=False) -> Dataset:
+    """Scan, check and split a data root."""
+    class_root, frame = scan(root, classes)
+    report = check(class_root, frame, strict=strict)
+    found = sorted(set(frame["label"]))
+    for label in found:
+        if not (report.frame["label"] == label).any():
+            raise SmidsError(f"class {label} in {class_root} has no readable image")
+    manifest = split(report.frame, valid_frac, test_frac, seed)
+    labels = list(classes and [canonical_class(c) for c in classes] or found)
+    return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), labels, report)
+
+
+def write_manifest(dataset: Dataset, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.manifest[MANIFEST_COLUMNS].to_csv(path, index=False)
+    return path
+
+
+def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
+    """Reuse a manifest's split; refuse it when any listed file is missing or its pixels changed."""
+    path = Path(path)
+    try:
+        manifest = pd.read_csv(path, dtype={"hash": str, "path": str, "label": str, "split": str})
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SmidsError(f"cannot read manifest {path}: {exc}") from None
+    missing_columns = set(MANIFEST_COLUMNS) - set(manifest.columns)
+    if missing_columns:
+        raise SmidsError(f"{path} is not a split manifest (missing columns: {', '.join(sorted(missing_columns))})")
+    class_root = find_class_root(root, sorted(set(manifest["label"])))
+    with progress(list(manifest.itertuples(index=False)), "Verifying manifest") as rows:
+        for row in rows:
+            file = class_root / row.path
+            if not file.is_file():
+                raise SmidsError(f"manifest {path} lists {file}, which does not exist")
+            try:
+                current = describe_file(file)["hash"]
+            except ImageError as exc:
+                raise SmidsError(f"manifest {path} lists {file}, which is no longer readable: {exc}") from None
+            if current != row.hash:
+                raise SmidsError(f"{file} changed since manifest {path} was written (hash {row.hash} → {current})")
+    labels = [canonical_class(c) for c in classes] if classes else sorted(set(manifest["label"]))
+    manifest = manifest[manifest["label"].isin(labels)]
+    return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), labels)
+
+
+# --------------------------------------------------------------------------- tensor cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SMIDS_ML_CACHE", Path.home() / ".cache" / "smids-ml"))
+
+
+def cache_file(dataset: Dataset, size: int, channels: int, resize: str, cache_dir: Path | None = None) -> Path:
+    """Where the decoded tensors of this exact image list and preprocessing live."""
+    key = json.dumps({"hashes": list(dataset.manifest["hash"]), "size": size, "channels": channels,
+                      "resize": resize, "format": CACHE_FORMAT})
+    name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+    return Path(cache_dir or default_cache_dir()) / f"images-{size}px-{channels}ch-{resize}-{name}.pt"
+
+
+def load_tensors(dataset: Dataset, size: int, channels: int, resize: str, cache_dir: Path | None = None) -> torch.Tensor:
+    """uint8 N×C×size×size in manifest order: decoded and resized once, then read from the cache."""
+    path = cache_file(dataset, size, channels, resize, cache_dir)
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a torn or foreign file: rebuild it
+            path.unlink(missing_ok=True)
+    out = torch.empty((len(dataset.manifest), channels, size, size), dtype=torch.uint8)
+    with progress(list(dataset.manifest["path"]), f"Caching images at {size}px") as paths:
+        for i, rel in enumerate(paths):
+            out[i] = prepare_image(open_image(dataset.root / rel), size, channels, resize)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Per-image random rotation (any angle: cells lie in every orientation), flip, small scale and
+    shift, brightness and contrast, on a float batch in [0, 1], in one grid_sample call."""
+    n = images.shape[0]
+
+    def uniform(low, high):
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    angle = uniform(0, 2 * torch.pi)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    scale = uniform(1 - 0.1 * strength, 1 + 0.1 * strength)
+    shift_x, shift_y = uniform(-0.1 * strength, 0.1 * strength), uniform(-0.1 * strength, 0.1 * strength)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    brightness = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
+    contrast = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean).mul_(brightness).clamp_(0, 1)
+
+
+class Batches:
+    """Batches of (normalised float images, labels) from cached uint8 tensors; reshuffled each pass.
+
+    Augmentation happens here, on whole batches, only when `augment` is set (the training split).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, shuffle: bool = False,
+                 augment: bool = False, strength: float = 1.0, seed: int = 0, device: str | torch.device = "cpu"):
+        self.images, self.labels = images, labels
+        self.batch, self.shuffle, self.augment, self.strength = batch, shuffle, augment, strength
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return (len(self.labels) + self.batch - 1) // self.batch
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch):
+            index = order[start:start + self.batch]
+            x = self.images[index].to(self.device, non_blocking=True)
+            if self.augment:
+                x = augment_batch(x.float().div_(255), self.generator, self.strength).mul_(255)
+            yield normalize(x), self.labels[index].to(self.device, non_blocking=True)
+
+
+def make_batches(dataset: Dataset, images: torch.Tensor, batch: int, augment: bool, strength: float,
+                 seed: int, device) -> dict[str, Batches]:
+    """One Batches per split; only train is shuffled and augmented."""
+    index = {c: i for i, c in enumerate(dataset.classes)}
+    labels = torch.tensor([index[c] for c in dataset.manifest["label"]], dtype=torch.long)
+    out = {}
+    for part in ("train", "valid", "test"):
+        rows = torch.from_numpy(np.flatnonzero(dataset.manifest["split"].to_numpy() == part))
+        training = part == "train"
+        out[part] = Batches(images[rows], labels[rows], batch, shuffle=training, augment=training and augment,
+                            strength=strength, seed=seed, device=device)
+    return out

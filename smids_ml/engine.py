@@ -1,0 +1,155 @@
+"""Training and evaluation loops in plain torch: nothing here knows MLflow or Optuna.
+
+Callbacks see each epoch's metrics; a callback may raise (Optuna's pruning does) to stop training.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from torch import nn
+
+from smids_ml.config import TrainConfig
+
+Callback = Callable[[int, dict], None]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from smids_ml import SmidsError
+        raise SmidsError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "SGD":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW if cfg.optimizer == "AdamW" else torch.optim.Adam
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _autocast(device: torch.device):
+    """bf16 mixed precision on CUDA (no loss scaling needed); full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device, memory_format=torch.channels_last) if device.type == "cuda" else x.to(device)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, device: torch.device) -> dict:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    for images, targets in batches:
+        images, targets = _to_device(images, device), targets.to(device)
+        with _autocast(device):
+            logits = model(images)
+            loss = criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen, "images_per_second": seen / seconds}
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and targets for every batch, in eval mode."""
+    model.eval()
+    probs, targets = [], []
+    for images, y in batches:
+        with _autocast(device):
+            logits = model(_to_device(images, device))
+        probs.append(torch.softmax(logits.float(), 1).cpu())
+        targets.append(y.cpu())
+    return torch.cat(probs).numpy(), torch.cat(targets).numpy()
+
+
+def classification_metrics(targets: np.ndarray, probs: np.ndarray, prefix: str) -> dict:
+    """Loss, accuracy and macro precision/recall/F1 from probabilities."""
+    predicted = probs.argmax(1)
+    labels = list(range(probs.shape[1]))
+    precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, labels=labels,
+                                                               average="macro", zero_division=0)
+    picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
+    return {f"{prefix}_loss": float(-np.log(picked).mean()), f"{prefix}_acc": float(accuracy_score(targets, predicted)),
+            f"{prefix}_f1": float(f1), f"{prefix}_precision": float(precision), f"{prefix}_recall": float(recall)}
+
+
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, prefix: str = "valid") -> dict:
+    probs, targets = predict_proba(model, batches, device)
+    return classification_metrics(targets, probs, prefix)
+
+
+@dataclass
+class History:
+    """Per-epoch metrics and the epoch whose weights were kept."""
+
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def best(self) -> dict:
+        return self.epochs[self.best_epoch - 1]
+
+
+def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
+        callbacks: Iterable[Callback] = ()) -> History:
+    """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs) if cfg.scheduler == "cosine" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    sign = -1.0 if cfg.monitor == "valid_loss" else 1.0
+    history, best_score, best_state, waited = History(), -float("inf"), None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        metrics = train_one_epoch(model, batches["train"], optimizer, criterion, device)
+        metrics.update(evaluate(model, batches["valid"], device, "valid"))
+        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start)
+        if scheduler:
+            scheduler.step()
+        history.epochs.append(metrics)
+        score = sign * metrics[cfg.monitor]
+        if score > best_score:
+            best_score, best_state, waited = score, copy.deepcopy(model.state_dict()), 0
+            history.best_epoch = epoch
+        else:
+            waited += 1
+        for callback in callbacks:
+            callback(epoch, metrics)
+        if cfg.patience and waited >= cfg.patience:
+            history.stopped_early = True
+            break
+    model.load_state_dict(best_state)
+    return history

@@ -1,0 +1,101 @@
+"""The model zoo, built by name: the original study's two CNNs and three torchvision networks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torchvision import models as tv
+
+from smids_ml import SmidsError
+
+TORCHVISION = {
+    "resnet18": (tv.resnet18, tv.ResNet18_Weights.IMAGENET1K_V1),
+    "mobilenet_v3_small": (tv.mobilenet_v3_small, tv.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
+    "efficientnet_b0": (tv.efficientnet_b0, tv.EfficientNet_B0_Weights.IMAGENET1K_V1),
+}
+
+
+class StudyCNN(nn.Module):
+    """The original study's CNN: three 3×3 conv blocks (16, 32, 64) with 2×2 max-pooling, then a
+    128-unit hidden layer with dropout. `batch_norm=True` is its improved variant."""
+
+    def __init__(self, num_classes: int, channels: int, dropout: float, image_size: int, batch_norm: bool):
+        super().__init__()
+        layers, width = [], channels
+        for out in (16, 32, 64):
+            layers += [nn.Conv2d(width, out, 3, padding=1)]
+            layers += [nn.BatchNorm2d(out)] if batch_norm else []
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            width = out
+        self.features = nn.Sequential(*layers)
+        side = image_size // 8
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def weights_path(name: str) -> str:
+    """Where torchvision looks for `name`'s ImageNet weights (the torch hub cache)."""
+    url = TORCHVISION[name][1].url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str]:
+    if isinstance(model, tv.ResNet):
+        return model, "conv1"
+    return model.features[0], "0"
+
+
+def _adapt_input(model: nn.Module, channels: int) -> None:
+    """Swap the first convolution for one taking `channels` inputs (grayscale: summed RGB weights)."""
+    parent, attr = _first_conv(model)
+    conv = getattr(parent, attr)
+    if conv.in_channels == channels:
+        return
+    new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True).repeat(1, channels, 1, 1) / channels)
+    setattr(parent, attr, new)
+
+
+def _replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    if isinstance(model, tv.ResNet):
+        model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_classes))
+    else:  # mobilenet_v3 and efficientnet: classifier ends with Linear, has a Dropout before it
+        last = model.classifier[-1]
+        for layer in model.classifier:
+            if isinstance(layer, nn.Dropout):
+                layer.p = dropout
+        model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+
+
+def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35, image_size: int = 112,
+          pretrained: bool = False) -> nn.Module:
+    """A fresh network for `num_classes` classes on `channels`-channel `image_size` inputs."""
+    if name in ("simple_cnn", "improved_cnn"):
+        if pretrained:
+            raise SmidsError(f"--pretrained: no ImageNet weights exist for {name}; use one of {', '.join(TORCHVISION)}")
+        return StudyCNN(num_classes, channels, dropout, image_size, batch_norm=name == "improved_cnn")
+    if name not in TORCHVISION:
+        raise SmidsError(f"unknown model {name!r}; choose one of simple_cnn, improved_cnn, {', '.join(TORCHVISION)}")
+    factory, weights = TORCHVISION[name]
+    model = factory(weights=None)
+    if pretrained:
+        path = weights_path(name)
+        if not os.path.isfile(path):
+            raise SmidsError(f"--pretrained: ImageNet weights for {name} are not in the torch cache ({path}); "
+                             f"download {weights.url} on a connected machine and copy it there, or train without --pretrained")
+        model.load_state_dict(weights.get_state_dict(progress=False, weights_only=True))
+    _adapt_input(model, channels)
+    _replace_head(model, num_classes, dropout)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

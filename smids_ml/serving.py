@@ -1,0 +1,97 @@
+"""The logged model: an MLflow pyfunc that takes base64 images and answers a label and probabilities.
+
+It applies exactly the evaluation preprocessing used in training (`data.prepare_image`), so a
+served prediction equals the one `evaluate` and `predict` compute.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import warnings
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from smids_ml.config import TrainConfig
+from smids_ml.data import MAX_PIXELS, ImageError, normalize, open_image, prepare_image
+from smids_ml.models import build
+
+MAX_IMAGE_BYTES = 16 * 1024 * 1024  # one decoded image file
+MAX_REQUEST_IMAGES = 512  # rows in one request
+INFERENCE_BATCH = 64
+
+# MLflow nags about type hints on predict; this model declares its signature explicitly instead.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+
+def decode_base64_image(text, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS):
+    """A base64 string → decoded PIL image; ImageError says what is wrong with it."""
+    if not isinstance(text, str) or not text:
+        raise ImageError("expected a non-empty base64 string")
+    if len(text) > (max_bytes * 4) // 3 + 4:
+        raise ImageError(f"image is over the size limit of {max_bytes:,} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("not valid base64") from None
+    return open_image(raw, max_pixels=max_pixels)
+
+
+class SmidsClassifier(mlflow.pyfunc.PythonModel):
+    """Weights (a state_dict, loaded with weights_only=True) plus the training config and classes."""
+
+    def load_context(self, context) -> None:
+        with open(context.artifacts["config"]) as handle:
+            meta = json.load(handle)
+        self.load(meta, context.artifacts["weights"])
+
+    def load(self, meta: dict, weights_path: str) -> "SmidsClassifier":
+        self.classes: list[str] = meta["classes"]
+        self.config = TrainConfig.from_dict(meta["config"])
+        cfg = self.config
+        self.network = build(cfg.model, len(self.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+        self.network.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        self.network.eval()
+        return self
+
+    def preprocess(self, image) -> torch.Tensor:
+        cfg = self.config
+        return prepare_image(image, cfg.image_size, cfg.channels, cfg.resize)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities for a uint8 N×C×H×W batch of preprocessed images."""
+        out = [torch.softmax(self.network(normalize(images[i:i + INFERENCE_BATCH])), 1)
+               for i in range(0, len(images), INFERENCE_BATCH)]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def to_frame(self, probs: np.ndarray) -> pd.DataFrame:
+        """label, confidence and one probability column per class."""
+        frame = pd.DataFrame({"label": [self.classes[i] for i in probs.argmax(1)] if len(probs) else [],
+                              "confidence": probs.max(1) if len(probs) else []})
+        for i, name in enumerate(self.classes):
+            frame[name] = probs[:, i].astype(float)
+        return frame
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "image" not in frame.columns:
+            raise MlflowException(f"the input needs a column 'image' of base64-encoded images; got columns "
+                                  f"{list(frame.columns)}", error_code=INVALID_PARAMETER_VALUE)
+        if len(frame) > MAX_REQUEST_IMAGES:
+            raise MlflowException(f"{len(frame)} images in one request; the limit is {MAX_REQUEST_IMAGES}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        tensors = []
+        for row, text in enumerate(frame["image"]):
+            try:
+                tensors.append(self.preprocess(decode_base64_image(text)))
+            except ImageError as exc:
+                raise MlflowException(f"image {row}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+        batch = torch.stack(tensors) if tensors else torch.zeros((0,), dtype=torch.uint8)
+        return self.to_frame(self.probabilities(batch))

@@ -1,0 +1,130 @@
+"""MLflow glue: parameters, epoch metrics, artifacts, the pyfunc model, the registry.
+
+The tracking store is whatever MLflow resolves (MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db`
+in the working directory), so the registry works without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import json
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+import smids_ml
+from smids_ml.config import TrainConfig
+from smids_ml.data import Dataset, prepare_image, open_image
+from smids_ml.plots import close
+
+PACKAGE_DIR = Path(smids_ml.__file__).parent
+LIBRARIES = ("torch", "torchvision", "mlflow", "optuna", "pillow", "pandas", "numpy", "scikit-learn")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def pip_requirements() -> list[str]:
+    """Pinned explicitly: inferring requirements costs seconds per logged model."""
+    v = library_versions()
+    return [f"torch=={v['torch'].split('+')[0]}", f"torchvision=={v['torchvision'].split('+')[0]}",
+            f"mlflow=={v['mlflow']}", f"pillow=={v['pillow']}", f"pandas=={v['pandas']}", f"numpy=={v['numpy']}",
+            f"scikit-learn=={v['scikit-learn']}", "click", "pyyaml"]
+
+
+def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> None:
+    """Config, data fingerprint, class counts, split sizes, versions and commit."""
+    params = {k: ("" if v is None else v) for k, v in cfg.to_dict().items()}
+    counts = dataset.counts()
+    params.update(classes=",".join(dataset.classes), num_classes=len(dataset.classes),
+                  num_parameters=num_parameters, data_fingerprint=dataset.fingerprint(), data_root=str(dataset.root))
+    for part in ("train", "valid", "test"):
+        params[f"n_{part}"] = int(counts[part].sum()) if part in counts else 0
+    for label in dataset.classes:
+        params[f"count_{label}"] = int(counts.loc[label].sum()) if label in counts.index else 0
+    mlflow.log_params(params)
+    tags = {f"version.{k}": v for k, v in library_versions().items()}
+    tags["version.smids_ml"] = smids_ml.__version__
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    mlflow.set_tags(tags)
+
+
+def epoch_logger(epoch: int, metrics: dict) -> None:
+    """Engine callback: one value per metric per epoch, with the epoch as step."""
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_figure(fig, path: str) -> None:
+    mlflow.log_figure(fig, path)
+    close(fig)
+
+
+def log_frame(frame: pd.DataFrame, path: str) -> None:
+    """A DataFrame as a CSV artifact at `path`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / Path(path).name
+        frame.to_csv(file, index=False)
+        mlflow.log_artifact(str(file), str(Path(path).parent) if Path(path).parent != Path(".") else None)
+
+
+def model_meta(cfg: TrainConfig, classes: list[str]) -> dict:
+    return {"config": cfg.to_dict(), "classes": list(classes)}
+
+
+def log_model(network: torch.nn.Module, cfg: TrainConfig, dataset: Dataset, name: str = "model"):
+    """Log the pyfunc (weights + config + this package's code) with a signature and a 2-image example."""
+    from smids_ml.serving import SmidsClassifier
+
+    examples = dataset.manifest.groupby("label").head(1).head(2)["path"]
+    if len(examples) < 2:
+        examples = dataset.manifest["path"].head(2)
+    encoded = [base64.b64encode((dataset.root / p).read_bytes()).decode("ascii") for p in examples]
+    example = pd.DataFrame({"image": encoded})
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "config.json"
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights)
+        meta.write_text(json.dumps(model_meta(cfg, dataset.classes), indent=2))
+        classifier = SmidsClassifier().load(model_meta(cfg, dataset.classes), str(weights))
+        batch = torch.stack([prepare_image(open_image(dataset.root / p), cfg.image_size, cfg.channels, cfg.resize)
+                             for p in examples])
+        output = classifier.to_frame(classifier.probabilities(batch))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "add type hints": the signature is given explicitly
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=str(PACKAGE_DIR / "model_code.py"), artifacts={"weights": str(weights), "config": str(meta)},
+                signature=infer_signature(example, output), input_example=example,
+                pip_requirements=pip_requirements(), code_paths=[str(PACKAGE_DIR)],
+            )
+
+
+def register(model_uri: str, name: str, alias: str | None = None, tags: dict | None = None):
+    """Register a model version, tag it and point `alias` at it."""
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return version

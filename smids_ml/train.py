@@ -1,0 +1,127 @@
+"""Train one model and track it in MLflow: `python -m smids_ml.train --data data --epochs 50`.
+
+Under `mlflow run` the script attaches to the run MLflow created (MLFLOW_RUN_ID) instead of
+opening a second one; `tune` calls `run_training` inside its own nested runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from smids_ml import SmidsError
+from smids_ml import plots, tracking
+from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.data import Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
+from smids_ml.engine import History, fit, predict_proba, resolve_device, seed_everything
+from smids_ml.models import build, count_parameters
+
+DEFAULT_EXPERIMENT = "smids-ml"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    history: History
+    network: torch.nn.Module
+    dataset: Dataset
+    model_uri: str | None = None
+    version: str | None = None
+
+
+def prepare_data(cfg: TrainConfig) -> Dataset:
+    """The checked, split data set: from --split-manifest when given (verified), else split anew."""
+    if cfg.split_manifest:
+        return load_manifest(cfg.split_manifest, cfg.data, cfg.class_list)
+    dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict)
+    for line in dataset.report.lines():
+        click.echo(line, err=True)
+    return dataset
+
+
+def use_experiment(name: str | None) -> None:
+    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment)."""
+    if name and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(name)
+
+
+def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bool = True) -> TrainResult:
+    """Train inside the active MLflow run, logging params, epoch metrics, artifacts and the model."""
+    run = mlflow.active_run()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
+    seed_everything(cfg.seed)
+    network = build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size, cfg.pretrained)
+    batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device)
+    tracking.log_run_context(cfg, dataset, count_parameters(network))
+    history = fit(network, batches, cfg, device, callbacks=[tracking.epoch_logger, *callbacks])
+    log_outcome(history, network, batches["valid"], dataset, cfg, device)
+    result = TrainResult(run.info.run_id, history, network, dataset)
+    if log_model:
+        result.model_uri = tracking.log_model(network, cfg, dataset).model_uri
+    return result
+
+
+def log_outcome(history: History, network, valid_batches, dataset: Dataset, cfg: TrainConfig, device) -> None:
+    """Best-epoch metrics, history CSV, curves, validation confusion matrix, manifest and config."""
+    mlflow.log_metrics({f"best_{k}": v for k, v in history.best.items()})
+    mlflow.log_params({"best_epoch": history.best_epoch, "epochs_run": len(history.epochs)})
+    frame = pd.DataFrame(history.epochs)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    tracking.log_frame(frame, "history.csv")
+    tracking.log_figure(plots.training_curves(frame, history.best_epoch), "plots/training_curves.png")
+    probs, targets = predict_proba(network, valid_batches, device)
+    tracking.log_figure(plots.confusion_matrix(targets, probs.argmax(1), dataset.classes,
+                                               title="Validation confusion matrix (best epoch)"),
+                        "plots/valid_confusion_matrix.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
+        (Path(tmp) / "config.json").write_text(cfg.to_json())
+        mlflow.log_artifact(str(Path(tmp) / "config.json"))
+
+
+def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
+          register_as: str | None = None, alias: str | None = None) -> TrainResult:
+    """Prepare data, train in a new (or `mlflow run`'s) run, optionally register the model."""
+    dataset = prepare_data(cfg)
+    use_experiment(experiment)
+    with mlflow.start_run(run_name=run_name):
+        result = run_training(cfg, dataset)
+        if register_as:
+            version = tracking.register(result.model_uri, register_as, alias, tags={
+                "run_id": result.run_id, f"valid_{cfg.monitor}": result.history.best[cfg.monitor]})
+            result.version = version.version
+    return result
+
+
+@click.command("train")
+@config_options()
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
+@click.option("--run-name", default=None, help="MLflow run name.")
+@click.option("--register-as", default=None, help="Register the model under this name in the model registry.")
+@click.option("--alias", default=None, help="Alias to point at the registered version (e.g. champion).")
+def main(experiment, run_name, register_as, alias, **options):
+    """Train one model on a folder of class folders and log everything to MLflow."""
+    cfg = config_from_options(options)
+    if alias and not register_as:
+        raise SmidsError("--alias needs --register-as")
+    result = train(cfg, experiment, run_name, register_as, alias)
+    best = result.history.best
+    click.echo(f"run {result.run_id}: best epoch {result.history.best_epoch}/{len(result.history.epochs)}, "
+               f"valid_acc {best['valid_acc']:.4f}, valid_f1 {best['valid_f1']:.4f}")
+    if result.version:
+        click.echo(f"registered models:/{register_as}/{result.version}" + (f" (@{alias})" if alias else ""))
+
+
+if __name__ == "__main__":
+    main()
