@@ -55,3 +55,52 @@ def image_grid(images: list, titles: list[str], columns: int = 6, title: str = "
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def roc_curves(targets, probs, classes: list[str], title: str = ""):
+    """One-vs-rest ROC curve per class with its AUC; a class absent from `targets` has no curve."""
+    from sklearn.metrics import RocCurveDisplay
+
+    targets, probs = np.asarray(targets), np.asarray(probs)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for k, name in enumerate(classes):
+        positives = targets == k
+        if positives.any() and not positives.all():
+            RocCurveDisplay.from_predictions(positives, probs[:, k], name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC curves (one vs rest)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(bins: pd.DataFrame, ece: float, title: str = ""):
+    """Accuracy against confidence per bin (bins: lower, upper, count, confidence, accuracy), with counts below.
+
+    Bars under the diagonal mean the model is more confident than it is right (overconfident).
+    """
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = bins["upper"] - bins["lower"]
+    filled = bins["count"] > 0
+    top.bar(bins["lower"][filled], bins["accuracy"][filled], width=width[filled], align="edge",
+            edgecolor="black", alpha=0.8, label="accuracy")
+    top.plot(bins["confidence"][filled], bins["confidence"][filled], "o", color="tab:red", markersize=4,
+             label="mean confidence")
+    top.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title or f"Reliability diagram (ECE {ece:.3f})")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.bar(bins["lower"], bins["count"], width=width, align="edge", edgecolor="black", color="tab:grey")
+    bottom.set(xlabel="confidence (top-class probability)", ylabel="images")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_gallery(images: list, true: list[str], predicted: list[str], confidence: list[float],
+                          title: str = "Most confident mistakes"):
+    """Misclassified images captioned with true label, predicted label and the model's confidence."""
+    if not images:
+        return image_grid([], [], columns=1, title="No misclassified images")
+    captions = [f"true: {t}\npred: {p} ({c:.2f})" for t, p, c in zip(true, predicted, confidence)]
+    return image_grid(images, captions, columns=min(6, len(images)), title=title)

@@ -1,0 +1,107 @@
+"""Search spaces: named ones (the original study's two grids, a broad one for TPE) or a YAML/JSON file.
+
+A space has `fixed` values (TrainConfig fields set for every trial) and `params` to search. A param
+is either a list (grid values, or categorical choices for TPE/random) or a range
+`{low, high, log: bool, int: bool}` (TPE/random only).
+
+    fixed: {model: improved_cnn, optimizer: Adam}
+    params:
+      lr: [0.001, 0.0007, 0.0005]
+      dropout_rate: {low: 0.2, high: 0.5}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import optuna
+import yaml
+
+from smids_ml import SmidsError
+from smids_ml.config import TrainConfig
+
+SPACES = {
+    # The original study's first round: 16 points on its simple CNN.
+    "initial-grid": {
+        "fixed": {"model": "simple_cnn"},
+        "params": {"lr": [1e-3, 3e-4], "weight_decay": [0.0, 1e-4], "optimizer": ["Adam", "SGD"],
+                   "dropout_rate": [0.4, 0.5]},
+    },
+    # Its second round: 9 points on the CNN with batch normalisation, Adam, no weight decay.
+    "improved-grid": {
+        "fixed": {"model": "improved_cnn", "optimizer": "Adam", "weight_decay": 0.0},
+        "params": {"lr": [1e-3, 7e-4, 5e-4], "dropout_rate": [0.3, 0.35, 0.4]},
+    },
+    # For TPE: architecture and the knobs that matter most on small microscopy sets.
+    "broad": {
+        "fixed": {},
+        "params": {
+            "model": ["simple_cnn", "improved_cnn", "mobilenet_v3_small", "resnet18"],
+            "lr": {"low": 1e-4, "high": 3e-3, "log": True},
+            "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+            "dropout_rate": {"low": 0.1, "high": 0.6},
+            "batch": [16, 32, 64],
+            "image_size": [64, 96, 112, 128],
+            "augment_strength": {"low": 0.0, "high": 1.5},
+            "label_smoothing": {"low": 0.0, "high": 0.2},
+        },
+    },
+}
+
+
+def load_space(name_or_file: str) -> dict:
+    """A named space, or one read from a YAML/JSON file; checked against TrainConfig's fields."""
+    if name_or_file in SPACES:
+        space = SPACES[name_or_file]
+    else:
+        path = Path(name_or_file)
+        if not path.is_file():
+            raise SmidsError(f"--space {name_or_file!r} is neither a named space ({', '.join(SPACES)}) nor a file")
+        try:
+            text = path.read_text()
+            space = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise SmidsError(f"cannot read search space {path}: {exc}") from None
+        if not isinstance(space, dict) or not isinstance(space.get("params"), dict) or not space["params"]:
+            raise SmidsError(f"search space {path} needs a non-empty mapping 'params' (and optionally 'fixed')")
+    space = {"fixed": dict(space.get("fixed") or {}), "params": dict(space["params"])}
+    known = {f.name for f in fields(TrainConfig) if f.metadata["tunable"]}
+    unknown = (set(space["fixed"]) | set(space["params"])) - known
+    if unknown:
+        raise SmidsError(f"search space {name_or_file}: {', '.join(sorted(unknown))} cannot be searched; "
+                         f"tunable parameters are {', '.join(sorted(known))}")
+    for name, spec in space["params"].items():
+        if not (isinstance(spec, list) and spec) and not (isinstance(spec, dict) and {"low", "high"} <= set(spec)):
+            raise SmidsError(f"search space {name_or_file}: {name} must be a list of values or {{low, high}}")
+    return space
+
+
+def grid_of(space: dict) -> dict[str, list]:
+    """The GridSampler search space; every param must be a list."""
+    ranges = [name for name, spec in space["params"].items() if not isinstance(spec, list)]
+    if ranges:
+        raise SmidsError(f"--sampler grid needs a list of values for {', '.join(ranges)} (they are ranges); "
+                         "use --sampler tpe or random, or list the values")
+    return space["params"]
+
+
+def grid_size(space: dict) -> int:
+    size = 1
+    for values in grid_of(space).values():
+        size *= len(values)
+    return size
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """Trial values for every searched param, plus the fixed ones."""
+    values = dict(space["fixed"])
+    for name, spec in space["params"].items():
+        if isinstance(spec, list):
+            values[name] = trial.suggest_categorical(name, spec)
+        elif spec.get("int"):
+            values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+        else:
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return values

@@ -1,0 +1,297 @@
+"""Tune hyperparameters with Optuna; every trial is a nested MLflow run, the best model is registered.
+
+    python -m smids_ml.tune --sampler grid --space improved-grid --epochs 50 --data data
+
+The parent run holds the search (summary CSV, Optuna's figures, best params); each child run holds
+one trial (params, per-epoch metrics, state). Only the study's best model is logged and registered.
+Running the same --study-name again resumes the study: a grid runs only its missing points, and a
+trial that failed or was interrupted is run again.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import mlflow
+import optuna
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from smids_ml import SmidsError, plots, tracking
+from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.data import Dataset, default_cache_dir
+from smids_ml.models import build
+from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, suggest
+from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, run_training, use_experiment
+
+DEFAULT_STORAGE = "optuna.journal"  # beside the default tracking store (./mlflow.db); safe for parallel workers
+DEFAULT_TPE_TRIALS = 20
+RUN_ID_ATTR = "mlflow_run_id"
+PARENT_ATTR = "mlflow_parent_run_id"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def open_storage(url: str):
+    """Any Optuna storage URL (sqlite://, postgresql://, mysql://), or a journal file path."""
+    if "://" in url:
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+        except Exception as exc:  # SQLAlchemy and driver errors vary by backend
+            raise SmidsError(f"cannot open Optuna storage {url}: {str(exc).splitlines()[0]}") from None
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(url))
+
+
+def make_sampler(name: str, space: dict, seed: int):
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(name: str, startup_trials: int, warmup_epochs: int, max_epochs: int):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs), max_resource=max_epochs)
+    return optuna.pruners.NopPruner()
+
+
+@dataclass
+class Search:
+    """What every trial shares: the base config, the space, the data and where weights wait."""
+
+    base: TrainConfig
+    space: dict
+    dataset: Dataset
+    weights_dir: Path
+
+    def objective(self, trial: optuna.Trial) -> float:
+        cfg = self.base.replace(**suggest(trial, self.space)).validate()
+        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+        with mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True, tags=tags) as run:
+            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+
+            def report(epoch: int, metrics: dict) -> None:
+                trial.report(metrics[cfg.monitor], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"{cfg.monitor} {metrics[cfg.monitor]:.4f} at epoch {epoch}")
+
+            try:
+                result = run_training(cfg, self.dataset, callbacks=[report], log_model=False)
+            except optuna.TrialPruned:
+                mlflow.set_tag("optuna.state", "PRUNED")
+                pruned = True
+            except BaseException:
+                mlflow.set_tag("optuna.state", "FAIL")
+                raise
+            else:
+                pruned = False
+                mlflow.set_tag("optuna.state", "COMPLETE")
+                torch.save(result.network.state_dict(), self.weights_dir / f"trial-{trial.number}.pt")
+        if pruned:
+            raise optuna.TrialPruned()
+        return result.history.best[cfg.monitor]
+
+    def keep_best_weights(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Callback: delete every trial's weights file but the best one's."""
+        best = _best_trial(study)
+        for file in self.weights_dir.glob("trial-*.pt"):
+            if best is None or file.name != f"trial-{best.number}.pt":
+                file.unlink(missing_ok=True)
+
+
+def _best_trial(study: optuna.Study):
+    try:
+        return study.best_trial
+    except ValueError:  # no complete trial yet
+        return None
+
+
+def retry_failed(study: optuna.Study) -> int:
+    """Queue again each failed point that never completed (Ctrl-C, crash), so resume covers the whole grid."""
+    done = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
+    waiting = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    queued = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.params and trial.params not in done and trial.params not in waiting:
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+            waiting.append(trial.params)
+            queued += 1
+    return queued
+
+
+def summary(study: optuna.Study, monitor: str) -> pd.DataFrame:
+    """One row per trial, best first (the shape of the original study's grid_search_results.csv)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({**t.params, monitor: t.value, "state": t.state.name, "trial": t.number,
+                     "run_name": f"trial-{t.number:03d}", "epochs": len(t.intermediate_values),
+                     "seconds": t.duration.total_seconds() if t.duration else None,
+                     "mlflow_run_id": t.user_attrs.get(RUN_ID_ATTR)})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values(monitor, ascending=monitor == "valid_loss", na_position="last").reset_index(drop=True)
+
+
+def log_study(study: optuna.Study, monitor: str) -> None:
+    """Summary CSV, Optuna's own matplotlib figures and the best params on the parent run."""
+    tracking.log_frame(summary(study, monitor), "study_summary.csv")
+    from optuna.visualization import matplotlib as ov
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    figures = {"optimization_history": ov.plot_optimization_history, "parallel_coordinate": ov.plot_parallel_coordinate,
+               "intermediate_values": ov.plot_intermediate_values}
+    if len(complete) >= 2:
+        figures["param_importances"] = ov.plot_param_importances
+    for name, plot in figures.items():
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances with one varying param
+            click.echo(f"skipped figure {name}: {exc}", err=True)
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.set_size_inches(10, 6)
+        tracking.log_figure(figure, f"plots/{name}.png")
+    best = _best_trial(study)
+    counts = {state.name.lower(): sum(t.state == state for t in study.trials)
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    if best is not None:
+        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
+        mlflow.log_metric(f"best_{monitor}", best.value)
+
+
+def promote_best(study: optuna.Study, search: Search, register_as: str, alias: str | None):
+    """Log the best trial's model on its own child run and register it (once per best trial)."""
+    best = _best_trial(study)
+    if best is None:
+        click.echo("no trial completed: nothing to register", err=True)
+        return None
+    run_id = best.user_attrs[RUN_ID_ATTR]
+    client = MlflowClient()
+    if client.get_run(run_id).data.tags.get("smids_ml.model_uri"):
+        click.echo(f"best trial {best.number} is already registered", err=True)
+        return None
+    weights = search.weights_dir / f"trial-{best.number}.pt"
+    if not weights.is_file():
+        raise SmidsError(f"weights of best trial {best.number} are gone ({weights}); rerun that trial to register it")
+    cfg = search.base.replace(**{**search.space["fixed"], **best.params}).validate()
+    network = build(cfg.model, len(search.dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+    network.load_state_dict(torch.load(weights, weights_only=True))
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = tracking.log_model(network, cfg, search.dataset)
+        mlflow.set_tag("smids_ml.model_uri", info.model_uri)
+    metrics = client.get_run(run_id).data.metrics
+    version = tracking.register(info.model_uri, register_as, alias, tags={
+        "study": study.study_name, "trial": best.number, "run_id": run_id,
+        **{k: round(v, 6) for k, v in metrics.items() if k.startswith("best_valid_")}})
+    weights.unlink()
+    return version
+
+
+def tune(base: TrainConfig, space_name: str, sampler: str = "tpe", n_trials: int | None = None,
+         timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
+         storage: str = DEFAULT_STORAGE, register_as: str = "best", alias: str | None = "champion",
+         experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3):
+    """Run (or resume) a study under one parent run; returns (study, registered version or None)."""
+    space = load_space(space_name)
+    study_name = study_name or f"{Path(space_name).stem}-{sampler}"
+    if sampler == "grid":
+        grid_of(space)
+    elif n_trials is None and timeout is None:
+        n_trials = DEFAULT_TPE_TRIALS
+    study = optuna.create_study(
+        study_name=study_name, storage=open_storage(storage), load_if_exists=True,
+        direction="minimize" if base.monitor == "valid_loss" else "maximize",
+        sampler=make_sampler(sampler, space, base.seed),
+        pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs))
+    dataset = prepare_data(base)
+    weights_dir = default_cache_dir() / "trials" / study_name
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    search = Search(base, space, dataset, weights_dir)
+    use_experiment(experiment)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    resume = parent if parent and not os.environ.get("MLFLOW_RUN_ID") and _run_exists(parent) else None
+    with mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
+                          tags={"optuna.study": study_name, "optuna.sampler": sampler}) as run:
+        study.set_user_attr(PARENT_ATTR, run.info.run_id)
+        if not resume:
+            mlflow.log_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
+                               "storage": storage, **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
+        optimize = dict(callbacks=[search.keep_best_weights], gc_after_trial=True)
+        for _ in range(retry_failed(study)):
+            study.optimize(search.objective, n_trials=1, **optimize)
+        if sampler == "grid" and _grid_done(study, space):
+            click.echo(f"study {study_name}: all {grid_size(space)} grid points already ran", err=True)
+        else:
+            study.optimize(search.objective, n_trials=n_trials, timeout=timeout, **optimize)
+        log_study(study, base.monitor)
+        version = promote_best(study, search, register_as, alias) if register_as else None
+    return study, version
+
+
+def _grid_done(study: optuna.Study, space: dict) -> bool:
+    points = {tuple(sorted(t.params.items())) for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if set(t.params) == set(space["params"])}
+    return len(points) >= grid_size(space)
+
+
+def _run_exists(run_id: str) -> bool:
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+@click.command("tune")
+@click.option("--sampler", type=click.Choice(["grid", "tpe", "random"]), default="tpe", show_default=True)
+@click.option("--space", default="broad", show_default=True,
+              help=f"Named search space ({', '.join(SPACES)}) or a YAML/JSON file.")
+@click.option("--n-trials", type=int, default=None,
+              help=f"Trials to run (0 or unset: the whole grid, or {DEFAULT_TPE_TRIALS} for tpe/random).")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds (0: none).")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--pruner-startup-trials", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Trials that complete before the median pruner starts pruning.")
+@click.option("--pruner-warmup-epochs", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Epochs of every trial that are never pruned.")
+@click.option("--study-name", default=None, help="Optuna study name (default: SPACE-SAMPLER); reuse it to resume.")
+@click.option("--storage", default=None, help=f"Optuna storage URL or journal file [default: {DEFAULT_STORAGE}].")
+@click.option("--register-as", default="best", show_default=True, help="Registered model name for the best trial.")
+@click.option("--alias", default="champion", show_default=True, help="Alias pointed at the registered version.")
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
+@config_options()
+def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
+         storage, register_as, alias, experiment, **options):
+    """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
+    base = config_from_options(options)
+    try:
+        study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
+                              storage or DEFAULT_STORAGE, register_as or None, alias or None, experiment,
+                              pruner_startup_trials, pruner_warmup_epochs)
+    except KeyboardInterrupt:
+        raise SmidsError("interrupted: the running trial is marked FAIL; run the same command again to resume") from None
+    best = _best_trial(study)
+    states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+    click.echo(f"study {study.study_name}: {len(study.trials)} trials {states}")
+    if best is not None:
+        click.echo(f"best trial {best.number}: {base.monitor} {best.value:.4f} with {best.params}")
+    if version is not None:
+        click.echo(f"registered models:/{register_as}/{version.version}" + (f" (@{alias})" if alias else ""))
+
+
+if __name__ == "__main__":
+    main()
