@@ -59,7 +59,7 @@ def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> 
     """Config, data fingerprint, class counts, split sizes, versions and commit."""
     params = {k: ("" if v is None else v) for k, v in cfg.to_dict().items()}
     counts = dataset.counts()
-    params.update(classes=",".join(dataset.classes), num_classes=len(dataset.classes),
+    params.update(class_names=",".join(dataset.classes), num_classes=len(dataset.classes),
                   num_parameters=num_parameters, data_fingerprint=dataset.fingerprint(), data_root=str(dataset.root))
     for part in ("train", "valid", "test"):
         params[f"n_{part}"] = int(counts[part].sum()) if part in counts else 0

@@ -21,6 +21,8 @@ BIN = Path(sys.executable).parent
 # Every process of the suite caches tensors and keeps MLflow state in temporary places, never in ~ or the repo.
 _SESSION_TMP = Path(os.environ.setdefault("SMIDS_TEST_TMP", f"/tmp/smids-tests-{os.getpid()}"))
 os.environ.setdefault("SMIDS_ML_CACHE", str(_SESSION_TMP / "cache"))
+# a test that forgets the `tracking` fixture must not write mlflow.db into the repository
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_TMP}/default-mlflow.db"
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # mlflow run/serve exec python and uvicorn from PATH
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -98,6 +100,7 @@ def tracking(mlflow_server, monkeypatch, request):
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # set_experiment exports it; subprocesses must not inherit it
     mlflow.set_tracking_uri(mlflow_server)
     experiment = f"{request.node.name}-{time.time_ns()}"
     yield experiment
@@ -117,5 +120,6 @@ def trained_model(mlflow_server, synth_data, session_tmp):
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     cfg = TrainConfig(data=str(synth_data), **TINY).validate()
     result = train(cfg, experiment="fixture-trained-model", register_as="tiny", alias="champion")
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     return {"result": result, "config": cfg, "name": "tiny", "version": result.version,
             "uri": f"models:/tiny/{result.version}", "tracking_uri": mlflow_server}

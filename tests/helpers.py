@@ -1,0 +1,43 @@
+"""Small helpers the tests share: image files on disk and checking a command's one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+
+def write_image(path: Path, size=(60, 40), seed: int = 0, fmt: str | None = None) -> Path:
+    """A random RGB image (distinct content per seed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, classes=("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm"), per_class: int = 6,
+                 ext: str = "png") -> Path:
+    for c_index, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"{name} ({i + 1}).{ext}", seed=1000 * c_index + i)
+    return root
+
+
+def invoke(args: list[str]):
+    from smids_ml.cli import main
+
+    return CliRunner().invoke(main, args)
+
+
+def assert_one_line_error(result, *fragments: str, exit_code: int = 1) -> str:
+    """The command failed with a click error (not a traceback) naming every fragment."""
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), f"unexpected exception {result.exception!r}"
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

@@ -1,0 +1,70 @@
+"""The project's declarations agree with each other: pyproject, conda.yaml, MLproject, TrainConfig, CLIs."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import tomllib
+from dataclasses import fields
+
+import yaml
+
+from smids_ml.cli import COMMANDS
+from smids_ml.config import TrainConfig
+from tests.conftest import ROOT
+
+ENTRY_POINTS = {"main", "train", "tune", "evaluate", "predict", "explore", "synth", "cv"}
+
+
+def mlproject():
+    return yaml.safe_load((ROOT / "MLproject").read_text())
+
+
+def test_conda_yaml_mirrors_pyproject_dependencies():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert pip == project
+    assert "torch==2.14.1" in project and "torchvision==0.29.1" in project
+
+
+def test_mlproject_train_parameters_are_trainconfig_fields_with_the_same_defaults():
+    params = mlproject()["entry_points"]["train"]["parameters"]
+    for f in fields(TrainConfig):
+        assert f.name in params, f.name
+        declared = params[f.name]["default"]
+        expected = "" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+        assert str(declared) == str(expected), f.name
+
+
+def test_every_entry_point_command_parses_with_its_defaults():
+    project = mlproject()
+    assert project["conda_env"] == "conda.yaml"
+    assert set(project["entry_points"]) == ENTRY_POINTS
+    for name, entry in project["entry_points"].items():
+        values = {k: ("models:/best/1" if k == "model_uri" else "img.png" if k == "inputs" else spec.get("default", ""))
+                  for k, spec in entry.get("parameters", {}).items()}
+        command = entry["command"].format(**{k: shlex.quote(str(v)) for k, v in values.items()})
+        argv = shlex.split(command)
+        assert argv[:2] == ["python", "-m"], command
+        module = argv[2]
+        click_command = importlib.import_module(module).main
+        context = click_command.make_context(module, argv[3:])  # raises on an unknown or malformed flag
+        assert context.params is not None
+        if name in ("main", "train", "tune", "cv"):
+            mentioned = set(re.findall(r"\{(\w+)\}", entry["command"]))
+            assert {f.name for f in fields(TrainConfig)} <= mentioned, name
+
+
+def test_cli_group_lists_every_command():
+    for name, (module, attribute) in COMMANDS.items():
+        assert callable(getattr(importlib.import_module(module), attribute)), name
+
+
+def test_readme_quick_start_has_exactly_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", quick, re.S)
+    commands = [line for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert commands == ["make demo", "make test"]
