@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import warnings
 
 import mlflow
 import numpy as np
@@ -25,9 +24,6 @@ from smids_ml.models import build
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # one decoded image file
 MAX_REQUEST_IMAGES = 512  # rows in one request
 INFERENCE_BATCH = 64
-
-# MLflow nags about type hints on predict; this model declares its signature explicitly instead.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 def decode_base64_image(text, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS):
@@ -79,7 +75,7 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
             frame[name] = probs[:, i].astype(float)
         return frame
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
             raise MlflowException(f"the input needs a column 'image' of base64-encoded images; got columns "

@@ -10,6 +10,7 @@ trial that failed or was interrupted is run again.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ DEFAULT_TPE_TRIALS = 20
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported by `echo_trial`, without tracebacks
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -112,6 +113,13 @@ class Search:
                 file.unlink(missing_ok=True)
 
 
+def echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Callback: one line per finished trial."""
+    value = "" if trial.value is None else f" {trial.value:.4f}"
+    click.echo(f"trial {trial.number} {trial.state.name}{value} after {len(trial.intermediate_values)} epochs: "
+               f"{trial.params}", err=True)
+
+
 def _best_trial(study: optuna.Study):
     try:
         return study.best_trial
@@ -119,15 +127,30 @@ def _best_trial(study: optuna.Study):
         return None
 
 
+def check_same_space(study: optuna.Study, space: dict) -> None:
+    """Optuna cannot change a parameter's choices within a study: say so before any trial starts."""
+    for trial in study.get_trials(deepcopy=False):
+        for name, distribution in trial.distributions.items():
+            spec = space["params"].get(name)
+            if isinstance(distribution, optuna.distributions.CategoricalDistribution) and isinstance(spec, list) \
+                    and list(distribution.choices) != spec:
+                raise SmidsError(f"study {study.study_name} searched {name} over {list(distribution.choices)}, "
+                                 f"not {spec}; use a new --study-name for a different search space")
+
+
 def retry_failed(study: optuna.Study) -> int:
-    """Queue again each failed point that never completed (Ctrl-C, crash), so resume covers the whole grid."""
-    done = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
-    waiting = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    """Queue again each failed point that never completed (Ctrl-C, crash), so resume covers the whole grid.
+
+    Optuna's RetryFailedTrialCallback copies the trial with its grid id, which GridSampler needs.
+    """
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=None)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
+    covered = [t.params for t in study.get_trials(deepcopy=False, states=finished)]
     queued = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if trial.params and trial.params not in done and trial.params not in waiting:
-            study.enqueue_trial(trial.params, skip_if_exists=False)
-            waiting.append(trial.params)
+        if trial.params and trial.params not in covered:
+            retry(study, trial)
+            covered.append(trial.params)
             queued += 1
     return queued
 
@@ -218,6 +241,7 @@ def tune(base: TrainConfig, space_name: str, sampler: str = "tpe", n_trials: int
         direction="minimize" if base.monitor == "valid_loss" else "maximize",
         sampler=make_sampler(sampler, space, base.seed),
         pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs))
+    check_same_space(study, space)
     dataset = prepare_data(base)
     weights_dir = default_cache_dir() / "trials" / study_name
     weights_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +255,7 @@ def tune(base: TrainConfig, space_name: str, sampler: str = "tpe", n_trials: int
         if not resume:
             mlflow.log_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
                                "storage": storage, **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
-        optimize = dict(callbacks=[search.keep_best_weights], gc_after_trial=True)
+        optimize = dict(callbacks=[search.keep_best_weights, echo_trial], gc_after_trial=True)
         for _ in range(retry_failed(study)):
             study.optimize(search.objective, n_trials=1, **optimize)
         if sampler == "grid" and _grid_done(study, space):
@@ -244,9 +268,12 @@ def tune(base: TrainConfig, space_name: str, sampler: str = "tpe", n_trials: int
 
 
 def _grid_done(study: optuna.Study, space: dict) -> bool:
-    points = {tuple(sorted(t.params.items())) for t in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if set(t.params) == set(space["params"])}
-    return len(points) >= grid_size(space)
+    """Whether every point of this grid already completed or was pruned in the study."""
+    grid = grid_of(space)
+    points = {tuple(zip(grid, values)) for values in itertools.product(*grid.values())}
+    finished = {tuple((name, t.params.get(name)) for name in grid) for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+    return points <= finished
 
 
 def _run_exists(run_id: str) -> bool:

@@ -1,0 +1,172 @@
+"""Tuning through real Optuna storages and a real `mlflow server`: child runs, pruning, resume, interrupts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import mlflow
+import optuna
+import pandas as pd
+import psycopg
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from smids_ml.tune import open_storage
+from tests.conftest import ROOT, TINY
+from tests.helpers import invoke, make_colour_dataset
+
+FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0"]
+
+
+def space_file(tmp_path, name: str, text: str):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def tune(tracking, synth_data, storage, *args):
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage),
+                     "--sampler", "grid", *FLAGS, *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def children(parent_id: str) -> pd.DataFrame:
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def load(storage, name):
+    return optuna.load_study(study_name=name, storage=open_storage(str(storage)))
+
+
+def test_grid_gives_one_child_run_per_point_and_registers_the_best(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "two", "fixed: {model: improved_cnn}\nparams:\n  lr: [0.001, 0.003]\n")
+    storage = tmp_path / "optuna.journal"
+    result = tune(tracking, synth_data, storage, "--space", space, "--epochs", "2", "--study-name", "two",
+                  "--register-as", "tuned-two", "--pruner", "none")
+    assert "registered models:/tuned-two/1 (@champion)" in result.output
+    parents = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.`optuna.study` = 'two'")
+    parent = parents[parents["tags.mlflow.parentRunId"].isna()].iloc[0]
+    kids = children(parent["run_id"])
+    assert len(kids) == 2
+    assert sorted(kids["params.lr"].astype(float)) == [0.001, 0.003]
+    assert set(kids["tags.optuna.state"]) == {"COMPLETE"}
+    client = MlflowClient()
+    for run_id in kids["run_id"]:
+        assert len(client.get_metric_history(run_id, "valid_f1")) == 2
+    artifacts = {a.path for a in client.list_artifacts(parent["run_id"])} | {
+        a.path for a in client.list_artifacts(parent["run_id"], "plots")}
+    assert {"study_summary.csv", "plots/optimization_history.png", "plots/parallel_coordinate.png",
+            "plots/param_importances.png"} <= artifacts
+    summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent["run_id"], artifact_path="study_summary.csv"))
+    assert len(summary) == 2 and summary["valid_f1"].is_monotonic_decreasing
+    assert {"lr", "valid_f1", "state", "trial", "run_name"} <= set(summary.columns)
+    study = load(storage, "two")
+    version = client.get_model_version_by_alias("tuned-two", "champion")
+    assert version.tags["study"] == "two" and int(version.tags["trial"]) == study.best_trial.number
+    assert version.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    model = mlflow.pyfunc.load_model("models:/tuned-two@champion")
+    assert model.unwrap_python_model().config.lr == study.best_params["lr"]
+    assert not list((tmp_path.parent / "cache").glob("trials/two/*.pt"))  # trial weights are not kept
+
+
+def test_resume_runs_only_the_missing_points(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "three", "params:\n  lr: [0.001, 0.002, 0.003]\n")
+    storage = tmp_path / "optuna.journal"
+    common = ["--space", space, "--epochs", "1", "--study-name", "three", "--register-as", "", "--pruner", "none"]
+    tune(tracking, synth_data, storage, *common, "--n-trials", "2")
+    assert len(load(storage, "three").trials) == 2
+    tune(tracking, synth_data, storage, *common)
+    study = load(storage, "three")
+    assert sorted(t.params["lr"] for t in study.trials) == [0.001, 0.002, 0.003]
+    again = tune(tracking, synth_data, storage, *common)
+    assert "all 3 grid points already ran" in again.output
+    assert len(load(storage, "three").trials) == 3
+
+
+def test_pruning_stops_a_hopeless_trial_and_keeps_its_metrics(tracking, tmp_path):
+    colours = make_colour_dataset(tmp_path / "colours")
+    storage = tmp_path / "optuna.journal"
+    space = space_file(tmp_path, "prune", "params:\n  lr: [0.003, 1.0e-9]\n")
+    tune(tracking, colours, storage, "--space", space, "--epochs", "5", "--study-name", "prune", "--register-as", "",
+         "--pruner", "median", "--pruner-startup-trials", "1", "--pruner-warmup-epochs", "2", "--seed", "1")
+    study = load(storage, "prune")
+    good, hopeless = study.trials
+    assert good.params["lr"] == 0.003, "with --seed 1 the grid visits the learning point first"
+    assert good.state == TrialState.COMPLETE and hopeless.state == TrialState.PRUNED
+    run = MlflowClient().get_run(hopeless.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
+    reached = MlflowClient().get_metric_history(run.info.run_id, "valid_f1")
+    assert 2 <= len(reached) < 5
+    other_space = space_file(tmp_path, "other", "params:\n  lr: [0.1]\n")
+    result = invoke(["tune", "--data", str(colours), "--storage", str(storage), "--sampler", "grid",
+                     "--space", other_space, "--study-name", "prune", *FLAGS])
+    assert result.exit_code == 1 and "use a new --study-name" in result.output
+    assert len(load(storage, "prune").trials) == 2
+
+
+def test_an_interrupted_trial_is_marked_failed_and_the_resumed_study_completes(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "pair", "params:\n  lr: [0.001, 0.002]\n")
+    storage = tmp_path / "optuna.journal"
+    command = [sys.executable, "-m", "smids_ml.tune", "--data", str(synth_data), "--experiment", tracking,
+               "--storage", str(storage), "--sampler", "grid", "--space", space, "--study-name", "pair",
+               "--register-as", "", "--pruner", "none", *FLAGS]
+    process = subprocess.Popen([*command, "--epochs", "200"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a trial has really started training
+        try:
+            running = load(storage, "pair").get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, ValueError):
+            running = []
+        if running and running[0].intermediate_values:
+            break
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "interrupted" in err and "Traceback" not in err, err
+    failed = load(storage, "pair").get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1
+    run = MlflowClient().get_run(failed[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+    resumed = subprocess.run([*command, "--epochs", "1"], cwd=tmp_path, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    study = load(storage, "pair")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(t.params["lr"] for t in complete) == [0.001, 0.002]
+    assert len(study.trials) == 3  # the failed point ran once more, nothing else twice
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    name = f"smids_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path, postgres_url):
+    space = space_file(tmp_path, "pg", "params:\n  lr: [0.001, 0.003]\n")
+    params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
+              "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "tune", "--env-manager", "local", "--experiment-name",
+                           tracking, *[f"-P{k}={v}" for k, v in params.items()]],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=[tracking])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parents) == 1 and parents.iloc[0]["params.sampler"] == "grid"
+    assert len(children(parents.iloc[0]["run_id"])) == 2
+    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert MlflowClient().get_model_version_by_alias("pg-best", "champion").version == "1"
