@@ -1,0 +1,126 @@
+"""Stratified k-fold cross-validation under one parent run: `python -m smids_ml.cv --folds 5 --data data`.
+
+Fold k is the test fold; a validation part for early stopping is carved (stratified, seeded) from
+the other folds. Each fold trains in a nested child run (`train.run_training`) and is scored on its
+test fold by `evaluate.log_evaluation`, the code `smids-ml evaluate` uses. The parent run holds the
+mean and sample standard deviation of every test metric (`cv_test_accuracy_mean`, `..._std`), as
+published 5-fold SMIDS results are reported, the per-fold table, and the pooled out-of-fold
+predictions (every image scored once, by the model that never saw it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+import mlflow
+import numpy as np
+import pandas as pd
+
+from smids_ml import tracking
+from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches
+from smids_ml.engine import predict_proba, resolve_device
+from smids_ml.evaluate import HEADLINE, log_evaluation
+from smids_ml.train import prepare_data, run_training, use_experiment
+
+DEFAULT_EXPERIMENT = "smids-ml-cv"
+
+
+def carve_valid(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
+    """True for a stratified, seeded `fraction` of the rows, by unique content (duplicates together).
+
+    Each class keeps at least one training image; a class with two or more keeps at least one for validation.
+    """
+    groups = frame.drop_duplicates("hash")[["hash", "label"]].sort_values("hash")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _, members in groups.groupby("label", sort=True):
+        hashes = members["hash"].to_numpy()
+        n = min(max(1, round(len(hashes) * fraction)), len(hashes) - 1)
+        chosen.extend(hashes[rng.permutation(len(hashes))[:n]])
+    return frame["hash"].isin(chosen)
+
+
+def fold_dataset(dataset: Dataset, fold: pd.Series, k: int, valid_frac: float, seed: int) -> Dataset:
+    """The data set with fold k as test, a validation part of the other folds, and the rest as train."""
+    manifest = dataset.manifest.copy()
+    manifest["split"] = np.where(fold == k, "test", "train")
+    rest = manifest[fold != k]
+    manifest.loc[rest.index[carve_valid(rest, valid_frac, seed).to_numpy()], "split"] = "valid"
+    return Dataset(dataset.root, manifest, dataset.classes)
+
+
+def fold_probabilities(network, dataset: Dataset, cfg: TrainConfig) -> np.ndarray:
+    """The trained network's probabilities for the test rows (manifest order), from the cached tensors."""
+    device = resolve_device(cfg.device)
+    images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
+    batches = make_batches(dataset, images, cfg.batch, augment=False, strength=0.0, seed=cfg.seed, device=device)
+    return predict_proba(network, batches["test"], device)[0]
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float]:
+    """Mean and sample standard deviation over folds of every test metric (intervals are per fold: left out)."""
+    metrics = [c for c in table.columns if c.startswith("test_") and "_ci_" not in c]
+    return {**{f"cv_{m}_mean": float(table[m].mean()) for m in metrics},
+            **{f"cv_{m}_std": float(table[m].std()) for m in metrics}}
+
+
+@dataclass
+class CVResult:
+    run_id: str
+    folds: pd.DataFrame  # one row per fold: run id, sizes, best epoch and test metrics
+    summary: dict[str, float]
+
+
+def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DEFAULT_EXPERIMENT,
+                   run_name: str | None = None) -> CVResult:
+    """Train and test `folds` models in nested runs of one parent run (or `mlflow run`'s run)."""
+    dataset = prepare_data(cfg)
+    fold = assign_folds(dataset.manifest, folds, cfg.seed)
+    use_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as parent:
+        mlflow.log_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
+                           "folds": folds, "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
+        tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")
+        rows, out_of_fold = [], []
+        for k in range(folds):
+            part = fold_dataset(dataset, fold, k, cfg.valid_frac, cfg.seed)
+            with mlflow.start_run(run_name=f"fold {k + 1}/{folds}", nested=True) as child:
+                mlflow.set_tag("fold", k)
+                result = run_training(cfg, part, log_model=False)
+                probs = fold_probabilities(result.network, part, cfg)
+                metrics, _ = log_evaluation(part.part("test"), part.root, part.classes, probs, prefix="test")
+            sizes = part.manifest["split"].value_counts()
+            rows.append({"fold": k, "run_id": child.info.run_id, "best_epoch": result.history.best_epoch,
+                         **{f"n_{s}": int(sizes.get(s, 0)) for s in ("train", "valid", "test")}, **metrics})
+            out_of_fold.append((part.part("test"), probs))
+        table = pd.DataFrame(rows)
+        tracking.log_frame(table, "cv_folds.csv")
+        summary = summarize(table)
+        mlflow.log_metrics(summary)
+        pooled = pd.concat([frame for frame, _ in out_of_fold], ignore_index=True)
+        log_evaluation(pooled, dataset.root, dataset.classes, np.concatenate([p for _, p in out_of_fold]),
+                       prefix="cv_oof", folder="out_of_fold")
+    return CVResult(parent.info.run_id, table, summary)
+
+
+@click.command("cv")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Number of folds; each is the test set once. --valid-frac is taken from the other folds, "
+                   "--test-frac is not used.")
+@config_options()
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
+@click.option("--run-name", default=None, help="Name of the parent run.")
+def main(folds, experiment, run_name, **options):
+    """Stratified k-fold cross-validation: train and test one model per fold, report mean ± std."""
+    result = cross_validate(config_from_options(options), folds, experiment, run_name)
+    rows = [(f"test_{m}", result.summary[f"cv_test_{m}_mean"], result.summary[f"cv_test_{m}_std"])
+            for m in HEADLINE if f"cv_test_{m}_mean" in result.summary]
+    click.echo(f"{folds}-fold cross-validation, parent run {result.run_id}")
+    table = pd.DataFrame(rows, columns=["metric", "mean", "std"])
+    click.echo(table.to_string(index=False, float_format="{:.4f}".format))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""`smids-ml cv` end to end: one parent run, one nested run per fold, mean ± std on the parent."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from smids_ml.cv import main
+from tests.conftest import TINY
+
+
+def test_two_fold_cv_gives_a_parent_with_two_fold_runs_and_mean_std(synth_data, tracking, tmp_path):
+    flags = [arg for key, value in TINY.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    result = CliRunner().invoke(main, ["--folds", "2", "--data", str(synth_data), "--experiment", tracking, *flags])
+    assert result.exit_code == 0, result.output
+    assert "test_accuracy" in result.output
+
+    runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2
+    for metric in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc_macro", "log_loss", "ece"):
+        values = [child.data.metrics[f"test_{metric}"] for child in children]
+        assert parent.data.metrics[f"cv_test_{metric}_mean"] == pytest.approx(np.mean(values))
+        assert parent.data.metrics[f"cv_test_{metric}_std"] == pytest.approx(np.std(values, ddof=1))
+    assert "cv_oof_accuracy" in parent.data.metrics  # the pooled out-of-fold predictions, scored once
+
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="cv_folds.csv",
+                                                            dst_path=str(tmp_path)))
+    assert sorted(folds["run_id"]) == sorted(child.info.run_id for child in children)
+    tested = []
+    for child in children:
+        where = tmp_path / child.info.run_id
+        manifest, predictions = (
+            pd.read_csv(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=name,
+                                                            dst_path=str(where)))
+            for name in ("manifest.csv", "predictions.csv"))
+        assert set(predictions["path"]) == set(manifest.loc[manifest["split"] == "test", "path"])
+        assert (manifest["split"] == "valid").any()  # early stopping saw a part carved from the training folds
+        tested += list(predictions["path"])
+    assert len(tested) == len(set(tested)) == 36  # the test folds partition the 3 × 12 images
