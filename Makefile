@@ -27,4 +27,4 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db optuna-journal.log data/synthetic
+	rm -rf $(VENV) mlruns mlflow.db optuna.journal data/synthetic

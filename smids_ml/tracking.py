@@ -65,15 +65,20 @@ def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> 
         params[f"n_{part}"] = int(counts[part].sum()) if part in counts else 0
     for label in dataset.classes:
         params[f"count_{label}"] = int(counts.loc[label].sum()) if label in counts.index else 0
-    # `mlflow run` already logged its -P values (in the user's spelling): keep those, add the rest.
-    already = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: v for k, v in params.items() if k not in already})
+    log_new_params(params)
     tags = {f"version.{k}": v for k, v in library_versions().items()}
     tags["version.smids_ml"] = smids_ml.__version__
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
+
+
+def log_new_params(params: dict) -> None:
+    """Log params on the active run, keeping any that `mlflow run` already logged from its -P values
+    (MLflow refuses to change a param, and those carry the user's own spelling)."""
+    already = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in already})
 
 
 def epoch_logger(epoch: int, metrics: dict) -> None:

@@ -44,7 +44,9 @@ def open_storage(url: str):
     """Any Optuna storage URL (sqlite://, postgresql://, mysql://), or a journal file path."""
     if "://" in url:
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+            # heartbeats: a worker that dies (kill -9, lost machine) has its trial failed and queued again
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90,
+                                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
         except Exception as exc:  # SQLAlchemy and driver errors vary by backend
             raise SmidsError(f"cannot open Optuna storage {url}: {str(exc).splitlines()[0]}") from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -141,9 +143,9 @@ def check_same_space(study: optuna.Study, space: dict) -> None:
 def retry_failed(study: optuna.Study) -> int:
     """Queue again each failed point that never completed (Ctrl-C, crash), so resume covers the whole grid.
 
-    Optuna's RetryFailedTrialCallback copies the trial with its grid id, which GridSampler needs.
+    Optuna's own retry callback copies the trial with its grid id, which GridSampler needs.
     """
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=None)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
     covered = [t.params for t in study.get_trials(deepcopy=False, states=finished)]
     queued = 0
@@ -253,7 +255,7 @@ def tune(base: TrainConfig, space_name: str, sampler: str = "tpe", n_trials: int
                           tags={"optuna.study": study_name, "optuna.sampler": sampler}) as run:
         study.set_user_attr(PARENT_ATTR, run.info.run_id)
         if not resume:
-            mlflow.log_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
+            tracking.log_new_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
                                "storage": storage, **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
         optimize = dict(callbacks=[search.keep_best_weights, echo_trial], gc_after_trial=True)
         for _ in range(retry_failed(study)):

@@ -1,0 +1,1 @@
+"""Speed measurements: each module prints a table; run one with `python -m benchmarks.<name>`."""

@@ -1,0 +1,171 @@
+"""Prediction speed on this CPU: `python -m benchmarks.bench_predict`.
+
+An untrained improved_cnn at 112 px (weights do not change speed) is logged as the real pyfunc to a
+throwaway SQLite store, and 500 synthetic crops are written. Then, on the same network:
+- baseline: the original study's way, PIL open + torchvision transforms per image, batch 1;
+- predict: the CLI's own function on the folder (decode, preprocess, batches of 64), model loaded;
+- served: `mlflow models serve` over loopback, one image per request and 32 per request.
+The target is a served p50 under 30 ms for one image.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from smids_ml import tracking
+from smids_ml.config import TrainConfig
+from smids_ml.data import Dataset, scan
+from smids_ml.models import build
+from smids_ml.predict import load_model, predict_inputs
+from smids_ml.synth import generate
+
+IMAGES = 500
+IMAGE_SIZE = 112
+SINGLE_REQUESTS = 100
+BATCH = 32
+BATCH_REQUESTS = 16
+TARGET_P50_MS = 30.0
+
+
+def make_images(root: Path) -> list[Path]:
+    """Exactly IMAGES synthetic crops in class folders."""
+    generate(root, per_class=-(-IMAGES // 3), seed=0)
+    files = sorted(root.rglob("*.bmp"))
+    for extra in files[IMAGES:]:
+        extra.unlink()
+    return files[:IMAGES]
+
+
+def log_untrained_model(data: Path, store: Path) -> str:
+    """The pyfunc exactly as training logs it, with freshly initialised weights; its model URI."""
+    cfg = TrainConfig(data=str(data), image_size=IMAGE_SIZE, model="improved_cnn")
+    class_root, frame = scan(data)
+    dataset = Dataset(class_root, frame, sorted(set(frame["label"])))
+    network = build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")  # artifacts too, never ./mlruns
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench-predict", str(store / "artifacts")))
+    with mlflow.start_run():
+        return tracking.log_model(network, cfg, dataset).model_uri
+
+
+def baseline(network: torch.nn.Module, files: list[Path]) -> list[float]:
+    """Seconds per image the original study's way: PIL + torchvision transforms, batch 1."""
+    prepare = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor(),
+                                  transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    times = []
+    with torch.no_grad():
+        for file in files:
+            start = time.perf_counter()
+            torch.softmax(network(prepare(Image.open(file).convert("RGB")).unsqueeze(0)), 1)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_uri: str, store: Path) -> tuple[subprocess.Popen, int]:
+    """`mlflow models serve` on a free loopback port, once /ping answers."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # it execs uvicorn
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(store / "serve.log", "w"), stderr=subprocess.STDOUT)
+    deadline = time.perf_counter() + 120
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited with {process.returncode}; see {store / 'serve.log'}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/ping")
+            if connection.getresponse().status == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.3)
+    process.terminate()
+    raise RuntimeError("mlflow models serve did not answer /ping within 120 s")
+
+
+def served(port: int, images: list[str], requests: int) -> list[float]:
+    """Seconds per request for `requests` POSTs of `images` on one keep-alive loopback connection."""
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    times = []
+    for _ in range(requests + 3):  # the first few warm up the server
+        start = time.perf_counter()
+        connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = response.read()
+        times.append(time.perf_counter() - start)
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {answer[:300]!r}")
+    connection.close()
+    return times[3:]
+
+
+def row(name: str, images_per_call: int, seconds: list[float]) -> str:
+    ms = np.array(seconds) * 1000
+    rate = images_per_call * len(seconds) / sum(seconds)
+    return f"{name:<52} {rate:>9.1f} {np.percentile(ms, 50):>9.2f} {np.percentile(ms, 95):>9.2f}"
+
+
+def main() -> None:
+    machine = (f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__} with "
+               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"bench_predict: improved_cnn at {IMAGE_SIZE} px (untrained), {IMAGES} synthetic crops; {machine}")
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        tmp = Path(tmp)
+        files = make_images(tmp / "data")
+        model_uri = log_untrained_model(tmp / "data", tmp)
+        model = load_model(model_uri)
+        lines = [row("baseline: PIL + torchvision transforms, batch 1", 1, baseline(model.network, files))]
+
+        predict_inputs(model, [str(files[0])])  # warm-up
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            predict_inputs(model, [str(tmp / "data")], batch=64)
+            runs.append(time.perf_counter() - start)
+        lines.append(row(f"predict: folder of {IMAGES}, batch 64 (ms per whole run)", IMAGES, runs))
+
+        encoded = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files[:BATCH]]
+        process, port = start_server(model_uri, tmp)
+        try:
+            single = served(port, encoded[:1], SINGLE_REQUESTS)
+            batched = served(port, encoded, BATCH_REQUESTS)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        lines.append(row(f"served: 1 image per request ({SINGLE_REQUESTS} requests)", 1, single))
+        lines.append(row(f"served: {BATCH} images per request ({BATCH_REQUESTS} requests)", BATCH, batched))
+
+    print(f"{'':<52} {'images/s':>9} {'p50 ms':>9} {'p95 ms':>9}")
+    print("\n".join(lines))
+    p50 = float(np.percentile(single, 50)) * 1000
+    print(f"target: served p50 for one image under {TARGET_P50_MS:.0f} ms: {p50:.2f} ms, "
+          f"{'met' if p50 < TARGET_P50_MS else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

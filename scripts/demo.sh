@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: synthetic data → tuning study (mlflow run) → registered champion →
+# test-set evaluation → predictions. Everything lands in ./mlflow.db and ./mlruns (no server needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+
+DATA=data/synthetic
+if [ ! -d "$DATA" ]; then
+    smids-ml synth "$DATA" --per-class 100 --seed 0
+fi
+
+echo "== Tuning: the original study's improved grid (9 points), 6 epochs each at 64 px"
+mlflow run . -e tune --env-manager local --experiment-name smids-ml-demo \
+    -P data="$DATA" -P sampler=grid -P space=improved-grid -P study_name=demo-improved-grid \
+    -P epochs=6 -P patience=3 -P image_size=64 -P register_as=best -P alias=champion
+
+echo "== Evaluating models:/best@champion on the test split of its training run"
+smids-ml evaluate models:/best@champion --experiment smids-ml-demo
+
+echo "== Predicting a few images with it"
+smids-ml predict models:/best@champion "$DATA/Normal_Sperm/Normal_Sperm (1).bmp" \
+    "$DATA/Abnormal_Sperm/Abnormal_Sperm (1).bmp" "$DATA/Non-Sperm/Non-Sperm (1).bmp" --output outputs/demo_predictions.csv
+
+cat <<'NEXT'
+
+Done. Next:
+  mlflow ui --backend-store-uri sqlite:///mlflow.db          # compare the trials at http://127.0.0.1:5000
+  mlflow models serve -m models:/best@champion --env-manager local --port 5001   # REST predictions
+  .venv/bin/python -m smids_ml.predict models:/best@champion data/synthetic/Normal_Sperm
+(activate the environment first: source .venv/bin/activate)
+NEXT

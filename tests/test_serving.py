@@ -1,0 +1,125 @@
+"""`mlflow models serve` on the registered model, over loopback: payload forms, bad payloads, limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import subprocess
+import urllib.error
+import urllib.request
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from smids_ml.data import MAX_PIXELS, SMIDS_CLASSES
+from smids_ml.predict import main as predict
+from smids_ml.serving import MAX_IMAGE_BYTES, MAX_REQUEST_IMAGES
+from tests.conftest import BIN, free_port, stop, wait_for_http
+
+
+@pytest.fixture(scope="module")
+def server(trained_model, tmp_path_factory):
+    """One scoring server for the module, serving models:/tiny/<version> on a free loopback port."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_model["tracking_uri"])
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", trained_model["uri"], "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/ping", process)
+        yield url
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def images(synth_data, trained_model, tmp_path_factory):
+    """One crop per class, base64-encoded, and the probabilities `predict` gives for them."""
+    files = [synth_data / label / f"{label} (4).bmp" for label in SMIDS_CLASSES]
+    out = tmp_path_factory.mktemp("expected") / "predictions.csv"
+    mlflow.set_tracking_uri(trained_model["tracking_uri"])
+    result = CliRunner().invoke(predict, [trained_model["uri"], *map(str, files), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    encoded = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
+    return encoded, pd.read_csv(out)
+
+
+def post(url: str, body) -> tuple[int, dict | str]:
+    """POST to /invocations: (status, parsed JSON or raw text)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def payload(form: str, images: list[str]) -> dict:
+    return {"dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}},
+            "dataframe_records": {"dataframe_records": [{"image": i} for i in images]},
+            "inputs": {"inputs": {"image": images}}}[form]
+
+
+@pytest.mark.parametrize("form", ["dataframe_split", "dataframe_records", "inputs"])
+def test_each_payload_form_gives_the_predict_probabilities(server, images, form):
+    encoded, expected = images
+    status, answer = post(server, payload(form, encoded))
+    assert status == 200, answer
+    served = pd.DataFrame(answer["predictions"])
+    assert list(served["label"]) == list(expected["label"])
+    np.testing.assert_allclose(served[list(SMIDS_CLASSES)], expected[list(SMIDS_CLASSES)], atol=1e-5)
+    np.testing.assert_allclose(served["confidence"], expected["confidence"], atol=1e-5)
+
+
+def tiny_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 150, 220)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def over_pixel_limit_png() -> str:
+    """A real PNG over MAX_PIXELS that is only a few kB: 1 bit per pixel, all zero."""
+    side = math.isqrt(MAX_PIXELS) + 1
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+BAD_PAYLOADS = {
+    "not base64": (lambda: payload("dataframe_split", ["***not base64***"]), "not valid base64"),
+    "not an image": (lambda: payload("dataframe_records", [base64.b64encode(b"hello").decode()]),
+                     "not an image in a readable format"),
+    "over the byte limit": (lambda: payload("dataframe_split", ["A" * (MAX_IMAGE_BYTES * 4 // 3 + 8)]),
+                            f"over the size limit of {MAX_IMAGE_BYTES:,} bytes"),
+    "over the pixel limit": (lambda: payload("inputs", [over_pixel_limit_png()]), "pixels is over the limit"),
+    "too many images": (lambda: payload("dataframe_split", [tiny_png()] * (MAX_REQUEST_IMAGES + 1)),
+                        f"the limit is {MAX_REQUEST_IMAGES}"),
+    "no image column": (lambda: {"dataframe_records": [{"picture": tiny_png()}]}, "missing inputs ['image']"),
+    "not JSON": (lambda: b"this is not json", "valid JSON"),
+    "no payload key": (lambda: {"images": [tiny_png()]}, "exactly one of the input fields"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PAYLOADS))
+def test_bad_payload_is_a_400_naming_the_problem_and_the_server_keeps_serving(server, images, case):
+    body, problem = BAD_PAYLOADS[case]
+    status, answer = post(server, body())
+    assert status == 400, answer
+    assert problem in answer["message"]
+    status, answer = post(server, payload("inputs", images[0][:1]))
+    assert status == 200 and len(answer["predictions"]) == 1
