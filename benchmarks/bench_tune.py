@@ -1,0 +1,70 @@
+"""TPE with median pruning against the original study's improved grid: `python -m benchmarks.bench_tune`.
+
+Both run through `smids_ml.tune.tune` on the same fixed synthetic set and split (a throwaway SQLite
+tracking store). Measured: training epochs each spends until a trial first reaches the grid's best
+validation accuracy. Target: TPE with pruning needs at most half of the grid's epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from benchmarks.common import machine, synthetic_set, table, timed
+from smids_ml.config import TrainConfig
+from smids_ml.tune import tune
+
+IMAGES, SIZE, EPOCHS = 600, 64, 10
+TPE_SPACE = "fixed: {model: improved_cnn, optimizer: Adam, weight_decay: 0.0}\n" \
+            "params:\n  lr: {low: 0.0003, high: 0.003, log: true}\n  dropout_rate: {low: 0.25, high: 0.45}\n"
+
+
+def epochs_to_reach(study, target: float) -> tuple[int | None, int]:
+    """(epochs spent when a trial first reached `target`, epochs spent in all), in trial order."""
+    spent, reached = 0, None
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        spent += len(trial.intermediate_values)
+        if reached is None and trial.value is not None and trial.value >= target - 1e-12:
+            reached = spent
+    return reached, spent
+
+
+def main() -> None:
+    print(f"bench_tune: improved_cnn, {IMAGES} synthetic images at {SIZE} px, up to {EPOCHS} epochs a trial, "
+          f"monitor valid_acc; {machine()}")
+    root = synthetic_set(IMAGES)
+    base = TrainConfig(data=str(root), image_size=SIZE, epochs=EPOCHS, patience=0, monitor="valid_acc", lr=5e-4,
+                       num_threads=os.cpu_count() or 1).validate()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        experiment = "bench-tune"
+        mlflow.create_experiment(experiment, artifact_location=str(tmp / "artifacts"))
+        (grid, _), grid_s = timed(tune, base, "improved-grid", "grid", None, None, "none", "grid",
+                                  str(tmp / "optuna.journal"), None, None, experiment)
+        target = grid.best_value
+        space = tmp / "tpe.yaml"
+        space.write_text(TPE_SPACE)
+        (tpe, _), tpe_s = timed(tune, base, str(space), "tpe", 12, None, "median", "tpe", str(tmp / "optuna.journal"),
+                                None, None, experiment, 2, 3)
+    grid_reached, grid_total = epochs_to_reach(grid, target)
+    tpe_reached, tpe_total = epochs_to_reach(tpe, target)
+    pruned = sum(t.state.name == "PRUNED" for t in tpe.trials)
+    rows = [["improved-grid (9 points, no pruning)", len(grid.trials), 0, grid_total, grid_s, f"{target:.4f}",
+             grid_reached],
+            ["TPE + median pruner (12 trials)", len(tpe.trials), pruned, tpe_total, tpe_s, f"{tpe.best_value:.4f}",
+             tpe_reached if tpe_reached is not None else "not reached"]]
+    print(table(["search", "trials", "pruned", "epochs", "seconds", "best valid_acc", "epochs to grid best"], rows))
+    if tpe_reached is None:
+        print("target: TPE did not reach the grid's best validation accuracy within its 12 trials: MISSED")
+    else:
+        ratio = tpe_reached / grid_reached
+        print(f"target: TPE reaches the grid's best with <= 50% of the grid's epochs: {ratio:.0%} "
+              f"({tpe_reached} vs {grid_reached}), {'met' if ratio <= 0.5 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
