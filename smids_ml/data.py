@@ -375,7 +375,8 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: fl
     brightness = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
     contrast = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * contrast + mean).mul_(brightness).clamp_(0, 1)
+    # ((x - mean) * contrast + mean) * brightness, folded into one multiply-add
+    return out.mul_(contrast * brightness).add_(mean * brightness * (1 - contrast)).clamp_(0, 1)
 
 
 class Batches:
@@ -400,9 +401,11 @@ class Batches:
         for start in range(0, n, self.batch):
             index = order[start:start + self.batch]
             x = self.images[index].to(self.device, non_blocking=True)
-            if self.augment:
-                x = augment_batch(x.float().div_(255), self.generator, self.strength).mul_(255)
-            yield normalize(x), self.labels[index].to(self.device, non_blocking=True)
+            if self.augment:  # [0, 1] → [-1, 1], the same mapping as normalize()
+                x = augment_batch(x.float().div_(255), self.generator, self.strength).mul_(2).sub_(1)
+            else:
+                x = normalize(x)
+            yield x, self.labels[index].to(self.device, non_blocking=True)
 
 
 def make_batches(dataset: Dataset, images: torch.Tensor, batch: int, augment: bool, strength: float,

@@ -55,7 +55,8 @@ def _autocast(device: torch.device):
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device, memory_format=torch.channels_last) if device.type == "cuda" else x.to(device)
+    """Channels-last images: oneDNN (CPU) and cuDNN convolutions both run faster on that layout."""
+    return x.to(device, memory_format=torch.channels_last)
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
@@ -123,9 +124,7 @@ class History:
 def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         callbacks: Iterable[Callback] = ()) -> History:
     """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights."""
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs) if cfg.scheduler == "cosine" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

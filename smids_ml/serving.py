@@ -53,7 +53,7 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
         cfg = self.config
         self.network = build(cfg.model, len(self.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
         self.network.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        self.network.eval()
+        self.network.eval().to(memory_format=torch.channels_last)
         return self
 
     def preprocess(self, image) -> torch.Tensor:
@@ -63,7 +63,8 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         """Class probabilities for a uint8 N×C×H×W batch of preprocessed images."""
-        out = [torch.softmax(self.network(normalize(images[i:i + INFERENCE_BATCH])), 1)
+        out = [torch.softmax(self.network(normalize(images[i:i + INFERENCE_BATCH]).contiguous(
+                   memory_format=torch.channels_last)), 1)
                for i in range(0, len(images), INFERENCE_BATCH)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
