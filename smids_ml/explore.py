@@ -37,6 +37,16 @@ def bar_figure(labels, values, title: str, xlabel: str):
     return fig
 
 
+def resolution_figure(frame: pd.DataFrame):
+    """Width against height of every image, coloured by class."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, group in frame.groupby("label"):
+        ax.scatter(group["width"], group["height"], s=8, alpha=0.6, label=label)
+    ax.set(title="Image sizes", xlabel="width (px)", ylabel="height (px)")
+    ax.legend()
+    return fig
+
+
 def sample_grid(report: CheckReport, class_root, per_class: int = 6, seed: int = 0):
     """A few random images of each class, one row per class."""
     rows = []
@@ -81,12 +91,7 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> 
         tracking.log_figure(bar_figure([f"{w}x{h}" for w, h in zip(top["width"], top["height"])],
                                        top["images"].tolist(), "Five most common resolutions", "width x height"),
                             "explore/top_resolutions.png")
-        fig, ax = plt.subplots(figsize=(6, 5))
-        for label, group in report.frame.groupby("label"):
-            ax.scatter(group["width"], group["height"], s=8, alpha=0.6, label=label)
-        ax.set(title="Image sizes", xlabel="width (px)", ylabel="height (px)")
-        ax.legend()
-        tracking.log_figure(fig, "explore/resolution_scatter.png")
+        tracking.log_figure(resolution_figure(report.frame), "explore/resolution_scatter.png")
         tracking.log_figure(sample_grid(report, class_root), "explore/samples.png")
     click.echo(f"logged to run {run.info.run_id}")
     return {"run_id": run.info.run_id, **facts}

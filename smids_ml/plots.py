@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures go to files and MLflow, never to a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves; notebooks draw inline
+import numpy as np
+import pandas as pd
+from sklearn.metrics import ConfusionMatrixDisplay
 
 
 def training_curves(history: pd.DataFrame, best_epoch: int | None = None):

@@ -51,9 +51,13 @@ SPACES = {
 }
 
 
-def load_space(name_or_file: str) -> dict:
-    """A named space, or one read from a YAML/JSON file; checked against TrainConfig's fields."""
-    if name_or_file in SPACES:
+def load_space(name_or_file: str | dict) -> dict:
+    """A named space, one read from a YAML/JSON file, or a dict of that shape; checked against TrainConfig."""
+    if isinstance(name_or_file, dict):
+        space, name_or_file = name_or_file, "(given as a dict)"
+        if not isinstance(space.get("params"), dict) or not space["params"]:
+            raise SmidsError("a search space needs a non-empty mapping 'params' (and optionally 'fixed')")
+    elif name_or_file in SPACES:
         space = SPACES[name_or_file]
     else:
         path = Path(name_or_file)

@@ -11,6 +11,7 @@ trial that failed or was interrupted is run again.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -227,12 +228,15 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
     return version
 
 
-def tune(base: TrainConfig, space_name: str, sampler: str = "tpe", n_trials: int | None = None,
+def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_trials: int | None = None,
          timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
          storage: str = DEFAULT_STORAGE, register_as: str = "best", alias: str | None = "champion",
          experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3):
     """Run (or resume) a study under one parent run; returns (study, registered version or None)."""
     space = load_space(space_name)
+    if isinstance(space_name, dict):
+        space_name = json.dumps(space_name)  # logged as the parent run's `space`
+        study_name = study_name or f"custom-{sampler}"
     study_name = study_name or f"{Path(space_name).stem}-{sampler}"
     if sampler == "grid":
         grid_of(space)
