@@ -9,7 +9,13 @@ pipeline can run end to end, and the task is tuned to be neither trivial nor imp
 It is NOT a substitute for real SMIDS. A model's score on these images says nothing about its
 score on real crops: the shapes, stains and defects are a caricature. It cannot tell you about
 real stain and scanner variability, real debris and overlapping cells, real borderline
-morphology, or the label noise of real expert annotations.
+morphology, or the label noise of real expert annotations. It also has shortcuts real data
+lacks: here every clearly abnormal cell has a vacuolated head (see `sperm_spec`).
+
+Difficulty, as measured when this was written: the study's small CNN (16/32/64 conv + BN, 128
+hidden, dropout 0.35), 15 epochs at 64x64 px on 300 images a class (70/15 stratified split,
+flips and 90-degree rotations), reaches a best validation accuracy of about 87-91%, most errors
+between normal and abnormal sperm. 900 images take about 5 s to draw on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 CLASSES = ("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm")
 
 # Share of abnormal cells with a single, weak defect: these make normal vs abnormal genuinely hard.
-MILD_SHARE = 0.1
+# Tuned by measurement: 0 gives ~94% for the reference CNN, 0.05 ~89%, 0.1 ~87%, 0.25 ~79%.
+MILD_SHARE = 0.05
 # Per-channel absorbance (R, G, B) at full density: a haematoxylin-like purple-blue for nuclei
 # and an eosin-like pink for midpiece, tail and cytoplasm (Beer-Lambert: pixel = light * e^-A).
 NUCLEAR_ABSORBANCE = np.array([0.95, 1.15, 0.45])
@@ -95,11 +102,14 @@ def _blob(rng, rx: float, ry: float, wobble: float, taper: float = 0.0, n: int =
     `taper` > 0 widens the apex and narrows the neck (pear shape); a big `wobble` is amorphous.
     """
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    r = 1 + sum(rng.normal(0, 2 * wobble / k) * np.cos(k * t + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4, 5))
+    r = np.ones_like(t)
+    for k in (2, 3, 4, 5):  # low harmonics only: lumpy, not jagged
+        r += rng.normal(0, 2 * wobble / k) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
     return np.stack([rx * np.cos(t) * r, ry * np.sin(t) * r * (1 + taper * np.cos(t))], axis=1)
 
 
-def head(cv: _Canvas, rng, length: float, width: float, sp: dict, dens: float, offset=(0, 0), tilt=0.0):
+def head(cv: _Canvas, rng, length: float, width: float, sp: dict, dens: float,
+         offset=(0, 0), tilt: float = 0.0) -> np.ndarray:
     """Stained nucleus with a paler acrosome cap over its apex; returns the neck point.
 
     sp["cap"] sets where the cap starts (cosine of the contour angle): about 0 covers half the
@@ -144,11 +154,59 @@ def midpiece_and_tail(cv: _Canvas, rng, path: np.ndarray, unit: float, dens: flo
         cv.line(path[idx[0]: idx[-1] + 2], width=max(w0 * f, 1), eos=dens * (0.45 + 0.4 * f))
 
 
+def _mild_defect(rng, sign: int) -> dict:
+    """One weak defect, within reach of normal variability: the genuinely hard abnormal cells."""
+    kind = rng.choice(["tapered", "pyriform", "amorphous", "big", "small", "cap", "vacuole", "bent"])
+    if kind == "tapered":
+        return dict(ratio=rng.uniform(1.85, 2.1))
+    if kind == "pyriform":
+        return dict(taper=rng.uniform(0.15, 0.28))
+    if kind == "amorphous":
+        return dict(wobble=rng.uniform(0.06, 0.09))
+    if kind in ("big", "small"):
+        return dict(scale=rng.uniform(1.18, 1.3) if kind == "big" else rng.uniform(0.74, 0.84))
+    if kind == "cap":
+        return dict(cap=rng.uniform(0.4, 0.6))
+    if kind == "vacuole":
+        return dict(vacuoles=1)
+    return dict(bend=(sign * rng.uniform(0.5, 0.9), rng.uniform(0.6, 1.4)))
+
+
+def _head_defect(rng) -> dict:
+    """A clearly misshapen head; most also lose their acrosome."""
+    kind = rng.choice(["amorphous", "tapered", "pyriform", "double", "big", "small"])
+    if kind == "amorphous":
+        sp = dict(wobble=rng.uniform(0.3, 0.45), ratio=rng.uniform(1.0, 1.6), scale=rng.uniform(1.0, 1.4))
+    elif kind == "tapered":
+        sp = dict(ratio=rng.uniform(2.6, 3.6))
+    elif kind == "pyriform":
+        sp = dict(taper=rng.uniform(0.7, 1.0), ratio=rng.uniform(1.6, 2.0))
+    elif kind == "double":
+        sp = dict(double=True)
+    else:
+        sp = dict(scale=rng.uniform(1.5, 1.9) if kind == "big" else rng.uniform(0.45, 0.62))
+    if rng.random() < 0.7:
+        sp["cap"] = rng.uniform(0.6, 1.1)  # small or missing acrosome
+    return sp
+
+
+def _tail_defect(rng, sign: int) -> dict:
+    """A sharp bend near the neck, a tail coiled into loops, or a stump."""
+    kind = rng.choice(["bent", "coiled", "short"])
+    if kind == "bent":
+        return dict(bend=(sign * rng.uniform(1.8, 3.0), rng.uniform(0.3, 1.0)))
+    if kind == "coiled":
+        return dict(coil=(sign / rng.uniform(0.25, 0.45), rng.uniform(0.3, 0.8)), tail_len=rng.uniform(3, 5))
+    return dict(tail_len=rng.uniform(0.4, 1.2))
+
+
 def sperm_spec(rng, abnormal: bool) -> dict:
     """Shape parameters of one sperm (lengths in head lengths of a normal cell).
 
-    An abnormal cell gets a head and/or tail defect family; a share MILD_SHARE of them get a
-    single weak defect only, which overlaps with normal variability: the genuinely hard cases."""
+    A share MILD_SHARE of abnormal cells get one weak defect only. The others get a head and/or
+    a tail defect, and always vacuolated chromatin: a texture cue that a small CNN learns from a
+    few hundred images, where outline shape alone is learnt far more slowly (measured: with shape
+    defects alone, the reference CNN stayed below 80% validation accuracy)."""
     sp = dict(scale=rng.normal(1, 0.06), ratio=np.clip(rng.normal(1.6, 0.1), 1.38, 1.82),
               taper=rng.normal(0, 0.04), wobble=0.025, cap=rng.uniform(-0.15, 0.25), double=False,
               vacuoles=0, tail_len=rng.uniform(5, 8), bend=(0.0, 0.0), coil=(0.0, 0.0))
@@ -156,28 +214,13 @@ def sperm_spec(rng, abnormal: bool) -> dict:
         return sp
     sign = rng.choice([-1, 1])
     if rng.random() < MILD_SHARE:
-        kind = rng.choice(["tapered", "pyriform", "amorphous", "big", "small", "cap", "vacuole", "bent"])
-        sp.update(dict(tapered=dict(ratio=rng.uniform(1.85, 2.1)), pyriform=dict(taper=rng.uniform(0.15, 0.28)),
-                       amorphous=dict(wobble=rng.uniform(0.06, 0.09)), big=dict(scale=rng.uniform(1.18, 1.3)),
-                       small=dict(scale=rng.uniform(0.74, 0.84)), cap=dict(cap=rng.uniform(0.4, 0.6)), vacuole=dict(vacuoles=1),
-                       bent=dict(bend=(sign * rng.uniform(0.5, 0.9), rng.uniform(0.6, 1.4))))[kind])
-        return sp
-    # Clearly abnormal cells have vacuolated chromatin: a texture cue a small CNN picks up from a
-    # few hundred images, where outline shape alone is learnt far more slowly.
+        return {**sp, **_mild_defect(rng, sign)}
     sp["vacuoles"] = int(rng.integers(2, 5))
     head_defect, tail_defect = rng.random() < 0.9, rng.random() < 0.5
     if head_defect or not tail_defect:
-        kind = rng.choice(["amorphous", "tapered", "pyriform", "double", "big", "small"])
-        sp.update(dict(amorphous=dict(wobble=rng.uniform(0.3, 0.45), ratio=rng.uniform(1.0, 1.6), scale=rng.uniform(1.0, 1.4)),
-                       tapered=dict(ratio=rng.uniform(2.6, 3.6)), pyriform=dict(taper=rng.uniform(0.7, 1.0), ratio=rng.uniform(1.6, 2.0)),
-                       double=dict(double=True), big=dict(scale=rng.uniform(1.5, 1.9)), small=dict(scale=rng.uniform(0.45, 0.62)))[kind])
-        if rng.random() < 0.7:
-            sp["cap"] = rng.uniform(0.6, 1.1)  # small or missing acrosome
+        sp.update(_head_defect(rng))
     if tail_defect:
-        kind = rng.choice(["bent", "coiled", "short"])
-        sp.update(dict(bent=dict(bend=(sign * rng.uniform(1.8, 3.0), rng.uniform(0.3, 1.0))),
-                       coiled=dict(coil=(sign / rng.uniform(0.25, 0.45), rng.uniform(0.3, 0.8)), tail_len=rng.uniform(3, 5)),
-                       short=dict(tail_len=rng.uniform(0.4, 1.2)))[kind])
+        sp.update(_tail_defect(rng, sign))
     return sp
 
 
@@ -215,7 +258,8 @@ def cell_non_sperm(cv: _Canvas, rng, unit: float, dens: float) -> None:
     elif kind == "debris":
         for _ in range(rng.integers(1, 5)):
             r = unit * rng.uniform(0.15, 0.6)
-            pts = _rot(_blob(rng, r, r * rng.uniform(0.4, 1), 0.2), rng.uniform(0, 6.3)) + rng.normal(0, 0.4 * unit, 2)
+            pts = _rot(_blob(rng, r, r * rng.uniform(0.4, 1), 0.2), rng.uniform(0, 2 * np.pi))
+            pts = pts + rng.normal(0, 0.4 * unit, 2)
             cv.polygon(pts, nuc=dens * rng.uniform(0.3, 0.9), eos=dens * rng.uniform(0, 0.5))
         if rng.random() < 0.25:  # a loose fibre, tail-like but headless
             cv.line(flagellum(rng, rng.normal(0, 0.5 * unit, 2), rng.uniform(1, 3) * unit, unit),
@@ -261,7 +305,8 @@ def background(rng, w: int, h: int) -> np.ndarray:
 
 
 def draw_image(label: str, rng: np.random.Generator) -> Image.Image:
-    """One RGB crop of the given class, random size roughly 80-260 px a side (width and height independent-ish)."""
+    """One RGB crop of the given class, random size roughly 80-260 px a side (width and height
+    independent-ish), the cell near the centre at any orientation."""
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
     base, aspect = rng.uniform(90, 240), math.exp(rng.normal(0, 0.12))
@@ -286,8 +331,10 @@ def draw_image(label: str, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
 
 
-def generate(out_dir, per_class: int = 100, seed: int = 0, fmt: str = "bmp", progress: bool | None = None) -> dict[str, int]:
-    """Write out_dir/<Class>/<Class> (i).<fmt> for i in 1..per_class, for each class in CLASSES; return counts per class.
+def generate(out_dir, per_class: int = 100, seed: int = 0, fmt: str = "bmp",
+             progress: bool | None = None) -> dict[str, int]:
+    """Write out_dir/<Class>/<Class> (i).<fmt> for i in 1..per_class, for each class in CLASSES;
+    return counts per class.
 
     Deterministic: image i of class c uses a generator seeded from SeedSequence([seed, c, i]),
     so a seed gives byte-identical files and image i does not depend on per_class.
@@ -307,6 +354,25 @@ def generate(out_dir, per_class: int = 100, seed: int = 0, fmt: str = "bmp", pro
             rng = np.random.default_rng(np.random.SeedSequence([seed, ci, i]))
             draw_image(c, rng).save(out / c / f"{c} ({i}).{fmt}")
     return {c: per_class for c in CLASSES}
+
+
+def data_or_synthetic(root, per_class: int = 100, seed: int = 0) -> tuple[pathlib.Path, bool]:
+    """`root` when it holds class folders; otherwise a synthetic set made once in `root/synthetic`.
+
+    Returns (data root, whether it is synthetic), so notebooks and demos can say so plainly.
+    """
+    from smids_ml import SmidsError
+    from smids_ml.data import find_class_root
+
+    root = pathlib.Path(root).resolve()
+    try:
+        found = find_class_root(root)
+        return root, "synthetic" in found.relative_to(root).parts
+    except SmidsError:
+        target = root / "synthetic"
+        if not target.exists():
+            generate(target, per_class=per_class, seed=seed)
+        return target, True
 
 
 @click.command("synth")

@@ -8,7 +8,7 @@ from PIL import Image
 
 from smids_ml.data import scan
 from smids_ml.synth import CLASSES, generate
-from tests.helpers import invoke
+from tests.helpers import invoke, make_dataset
 
 
 def digest(root):
@@ -43,3 +43,14 @@ def test_cli(tmp_path):
     result = invoke(["synth", str(tmp_path / "out"), "--per-class", "2", "--seed", "5", "--format", "png"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").rglob("*.png"))) == 6
+
+
+def test_data_or_synthetic_falls_back_only_without_class_folders(tmp_path):
+    from smids_ml.synth import data_or_synthetic
+
+    root, synthetic = data_or_synthetic(tmp_path / "empty", per_class=2)
+    assert synthetic and root == (tmp_path / "empty" / "synthetic").resolve()
+    assert len(list(root.rglob("*.bmp"))) == 6
+    assert data_or_synthetic(tmp_path / "empty", per_class=2) == (root, True)  # found again, not regenerated
+    make_dataset(tmp_path / "real", per_class=1)
+    assert data_or_synthetic(tmp_path / "real") == ((tmp_path / "real").resolve(), False)
