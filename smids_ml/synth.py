@@ -367,7 +367,7 @@ def data_or_synthetic(root, per_class: int = 100, seed: int = 0) -> tuple[pathli
     root = pathlib.Path(root).resolve()
     try:
         found = find_class_root(root)
-        return root, "synthetic" in found.relative_to(root).parts
+        return found, "synthetic" in found.relative_to(root).parts
     except SmidsError:
         target = root / "synthetic"
         if not target.exists():
