@@ -7,13 +7,13 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
 DATA=data/synthetic
 if [ ! -d "$DATA" ]; then
-    smids-ml synth "$DATA" --per-class 100 --seed 0
+    smids-ml synth "$DATA" --per-class 200 --seed 0
 fi
 
-echo "== Tuning: the original study's improved grid (9 points), 6 epochs each at 64 px"
+echo "== Tuning: the original study's improved grid (9 points), up to 15 epochs each at 64 px"
 mlflow run . -e tune --env-manager local --experiment-name smids-ml-demo \
     -P data="$DATA" -P sampler=grid -P space=improved-grid -P study_name=demo-improved-grid \
-    -P epochs=6 -P patience=3 -P image_size=64 -P register_as=best -P alias=champion
+    -P epochs=15 -P patience=5 -P image_size=64 -P register_as=best -P alias=champion
 
 echo "== Evaluating models:/best@champion on the test split of its training run"
 smids-ml evaluate models:/best@champion --experiment smids-ml-demo

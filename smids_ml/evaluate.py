@@ -212,8 +212,9 @@ def evaluation_data(source: ModelSource, data: str | None, split_manifest: str |
             where = f"{workdir}/training-run-{source.run_id}"  # so that errors say whose manifest it is
             split_manifest = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path="manifest.csv",
                                                                  dst_path=where)
-        if not data:
-            data = MlflowClient().get_run(source.run_id).data.params.get("data")
+        if not data:  # the absolute class root the run used; `data` as typed may be relative to another folder
+            params = MlflowClient().get_run(source.run_id).data.params
+            data = params.get("data_root") or params.get("data")
     except MlflowException as exc:
         raise SmidsError(f"training run {source.run_id} of {source.uri} has no usable manifest.csv "
                          f"({_one_line(exc)}); pass --split-manifest") from None
@@ -288,7 +289,7 @@ def summary(metrics: dict[str, float], classes: list[str], prefix: str) -> str:
 
 @click.command("evaluate")
 @click.argument("model_uri")
-@click.option("--data", default=None, help="Data root (default: the `data` parameter of the model's training run).")
+@click.option("--data", default=None, help="Data root (default: the one the model's training run used).")
 @click.option("--split-manifest", default=None,
               help="Manifest CSV to evaluate (default: the manifest.csv logged with the model's training run).")
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True,
