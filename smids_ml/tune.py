@@ -32,13 +32,21 @@ from smids_ml.models import build
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, suggest
 from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, run_training, use_experiment
 
-DEFAULT_STORAGE = "optuna.journal"  # beside the default tracking store (./mlflow.db); safe for parallel workers
+JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
 DEFAULT_TPE_TRIALS = 20
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported by `echo_trial`, without tracebacks
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def default_storage() -> str:
+    """The journal file beside a SQLite tracking store (./mlflow.db by default), else in the working folder."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / JOURNAL)
+    return JOURNAL
 
 
 def open_storage(url: str):
@@ -230,10 +238,11 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
 
 def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_trials: int | None = None,
          timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
-         storage: str = DEFAULT_STORAGE, register_as: str = "best", alias: str | None = "champion",
+         storage: str | None = None, register_as: str = "best", alias: str | None = "champion",
          experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3):
     """Run (or resume) a study under one parent run; returns (study, registered version or None)."""
     space = load_space(space_name)
+    storage = storage or default_storage()
     if isinstance(space_name, dict):
         space_name = json.dumps(space_name)  # logged as the parent run's `space`
         study_name = study_name or f"custom-{sampler}"
@@ -302,7 +311,8 @@ def _run_exists(run_id: str) -> bool:
 @click.option("--pruner-warmup-epochs", type=click.IntRange(min=0), default=3, show_default=True,
               help="Epochs of every trial that are never pruned.")
 @click.option("--study-name", default=None, help="Optuna study name (default: SPACE-SAMPLER); reuse it to resume.")
-@click.option("--storage", default=None, help=f"Optuna storage URL or journal file [default: {DEFAULT_STORAGE}].")
+@click.option("--storage", default=None,
+              help=f"Optuna storage URL or journal file [default: {JOURNAL} beside a SQLite tracking store].")
 @click.option("--register-as", default="best", show_default=True, help="Registered model name for the best trial.")
 @click.option("--alias", default="champion", show_default=True, help="Alias pointed at the registered version.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
@@ -313,7 +323,7 @@ def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, prune
     base = config_from_options(options)
     try:
         study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
-                              storage or DEFAULT_STORAGE, register_as or None, alias or None, experiment,
+                              storage or None, register_as or None, alias or None, experiment,
                               pruner_startup_trials, pruner_warmup_epochs)
     except KeyboardInterrupt:
         raise SmidsError("interrupted: the running trial is marked FAIL; run the same command again to resume") from None

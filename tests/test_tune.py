@@ -170,3 +170,17 @@ def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path,
     study = optuna.load_study(study_name="pg", storage=postgres_url)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     assert MlflowClient().get_model_version_by_alias("pg-best", "champion").version == "1"
+
+
+def test_default_study_storage_sits_beside_a_sqlite_tracking_store(synth_data, tmp_path, monkeypatch):
+    store = tmp_path / "tracking"
+    store.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    mlflow.create_experiment("local", artifact_location=str(store / "artifacts"))
+    space = space_file(tmp_path, "one", "params:\n  lr: [0.001]\n")
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", "local", "--sampler", "grid", "--space", space,
+                     "--epochs", "1", "--register-as", "", *FLAGS])
+    assert result.exit_code == 0, result.output
+    assert len(load(store / "optuna.journal", "one-grid").trials) == 1
