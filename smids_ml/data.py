@@ -357,8 +357,9 @@ def load_tensors(dataset: Dataset, size: int, channels: int, resize: str, cache_
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """Per-image random rotation (any angle: cells lie in every orientation), flip, small scale and
-    shift, brightness and contrast, on a float batch in [0, 1], in one grid_sample call."""
+    """A uint8 batch → a normalised float batch in [-1, 1] (as `normalize`), each image with its own
+    random rotation (any angle: cells lie in every orientation), flip, small scale and shift,
+    brightness and contrast: one grid_sample call and one multiply-add."""
     n = images.shape[0]
 
     def uniform(low, high):
@@ -370,13 +371,15 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: fl
     shift_x, shift_y = uniform(-0.1 * strength, 0.1 * strength), uniform(-0.1 * strength, 0.1 * strength)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    pixels = images.float()  # 0..255; grid_sample is linear, so the scaling folds into the last step
+    grid = F.affine_grid(theta.to(images.device), list(pixels.shape), align_corners=False)
+    out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
     brightness = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
     contrast = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    # ((x - mean) * contrast + mean) * brightness, folded into one multiply-add
-    return out.mul_(contrast * brightness).add_(mean * brightness * (1 - contrast)).clamp_(0, 1)
+    # ((x - mean) * contrast + mean) * brightness / 127.5 - 1, as one multiply-add
+    gain = contrast * brightness / 127.5
+    return out.mul_(gain).add_(mean * brightness * (1 - contrast) / 127.5 - 1).clamp_(-1, 1)
 
 
 class Batches:
@@ -401,10 +404,7 @@ class Batches:
         for start in range(0, n, self.batch):
             index = order[start:start + self.batch]
             x = self.images[index].to(self.device, non_blocking=True)
-            if self.augment:  # [0, 1] → [-1, 1], the same mapping as normalize()
-                x = augment_batch(x.float().div_(255), self.generator, self.strength).mul_(2).sub_(1)
-            else:
-                x = normalize(x)
+            x = augment_batch(x, self.generator, self.strength) if self.augment else normalize(x)
             yield x, self.labels[index].to(self.device, non_blocking=True)
 
 

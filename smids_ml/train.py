@@ -20,6 +20,7 @@ import torch
 from smids_ml import SmidsError
 from smids_ml import plots, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.console import progress
 from smids_ml.data import Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
 from smids_ml.engine import History, fit, predict_proba, resolve_device, seed_everything
 from smids_ml.models import build, count_parameters
@@ -64,7 +65,12 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     network = build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size, cfg.pretrained)
     batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device)
     tracking.log_run_context(cfg, dataset, count_parameters(network))
-    history = fit(network, batches, cfg, device, callbacks=[tracking.epoch_logger, *callbacks])
+    with progress(None, f"Training {cfg.model}", length=cfg.epochs) as bar:
+        def show(epoch: int, metrics: dict) -> None:
+            bar.label = f"epoch {epoch}/{cfg.epochs}: {cfg.monitor} {metrics[cfg.monitor]:.4f}"
+            bar.update(1)
+
+        history = fit(network, batches, cfg, device, callbacks=[tracking.epoch_logger, show, *callbacks])
     log_outcome(history, network, batches["valid"], dataset, cfg, device)
     result = TrainResult(run.info.run_id, history, network, dataset)
     if log_model:
