@@ -122,8 +122,9 @@ def _class_folders(folder: Path) -> dict[str, Path]:
 def find_class_root(root: str | os.PathLike, classes: list[str] | None = None) -> Path:
     """The folder whose sub-folders are the classes: `root` itself or one or two levels below it.
 
-    Archives often unpack as `SMIDS/SMIDS/<Class>/`; the shallowest folder holding the wanted
-    classes (or, without --classes, the most class folders) wins.
+    Archives often unpack as `SMIDS/SMIDS/<Class>/`. The shallowest level with class folders wins
+    (the folder with the wanted classes, or without --classes the most SMIDS classes); two equally
+    good folders at that level (real data beside a synthetic set, say) are an error, not a guess.
     """
     root = Path(root)
     if not root.exists():
@@ -131,19 +132,24 @@ def find_class_root(root: str | os.PathLike, classes: list[str] | None = None) -
     if not root.is_dir():
         raise SmidsError(f"data root {root} is not a folder")
     wanted = {canonical_class(c) for c in classes} if classes else None
-    candidates = [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]
-    candidates += [q for p in candidates[1:] for q in sorted(p.iterdir()) if q.is_dir()]
-    best, best_score = None, 0
-    for folder in candidates:
-        names = set(_class_folders(folder))
-        score = len(names & wanted) if wanted else len(names & set(SMIDS_CLASSES)) * 100 + len(names)
-        if score > best_score:
-            best, best_score = folder, score
-    if best is None:
-        seen = ", ".join(sorted(p.name for p in root.iterdir())) or "nothing"
-        raise SmidsError(f"no class folder with images under {root} (found: {seen}); "
-                         f"expected one folder per class such as {', '.join(SMIDS_CLASSES)}")
-    return best
+    levels = [[root]]
+    levels += [[p for p in sorted(root.iterdir()) if p.is_dir()]]
+    levels += [[q for p in levels[1] for q in sorted(p.iterdir()) if q.is_dir()]]
+    for level in levels:  # the shallowest level with class folders wins
+        scores = {}
+        for folder in level:
+            names = set(_class_folders(folder))
+            scores[folder] = len(names & wanted) if wanted else len(names & set(SMIDS_CLASSES)) * 100 + len(names)
+        best = max(scores.values(), default=0)
+        if best:
+            tied = [folder for folder, score in scores.items() if score == best]
+            if len(tied) > 1:
+                raise SmidsError(f"{root} holds several data sets ({', '.join(str(t) for t in tied)}); "
+                                 "point --data at one of them")
+            return tied[0]
+    seen = ", ".join(sorted(p.name for p in root.iterdir())) or "nothing"
+    raise SmidsError(f"no class folder with images under {root} (found: {seen}); "
+                     f"expected one folder per class such as {', '.join(SMIDS_CLASSES)}")
 
 
 def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Path, pd.DataFrame]:

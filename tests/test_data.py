@@ -192,3 +192,13 @@ def test_bad_data_roots_get_one_line_errors(tmp_path):
     (tmp_path / "strict" / "Normal_Sperm" / "broken.png").write_bytes(b"\x89PNG broken")
     assert_one_line_error(invoke(["train", "--data", str(tmp_path / "strict"), "--strict", "--epochs", "1"]),
                           "broken.png", "not an image")
+
+
+def test_two_data_sets_side_by_side_are_ambiguous_but_the_root_level_wins(tmp_path):
+    make_dataset(tmp_path / "SMIDS", per_class=1)
+    make_dataset(tmp_path / "synthetic", per_class=1)
+    with pytest.raises(SmidsError, match="holds several data sets.*point --data at one"):
+        find_class_root(tmp_path)
+    assert find_class_root(tmp_path / "SMIDS") == tmp_path / "SMIDS"
+    make_dataset(tmp_path, per_class=1)  # class folders at the root itself: the shallowest level wins
+    assert find_class_root(tmp_path) == tmp_path
