@@ -14,8 +14,6 @@ import base64
 import http.client
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +26,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from benchmarks.common import free_port, machine, synthetic_set
 from smids_ml import tracking
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, scan
 from smids_ml.models import build
 from smids_ml.predict import load_model, predict_inputs
-from smids_ml.synth import generate
 
 IMAGES = 500
 IMAGE_SIZE = 112
@@ -41,15 +39,6 @@ SINGLE_REQUESTS = 100
 BATCH = 32
 BATCH_REQUESTS = 16
 TARGET_P50_MS = 30.0
-
-
-def make_images(root: Path) -> list[Path]:
-    """Exactly IMAGES synthetic crops in class folders."""
-    generate(root, per_class=-(-IMAGES // 3), seed=0)
-    files = sorted(root.rglob("*.bmp"))
-    for extra in files[IMAGES:]:
-        extra.unlink()
-    return files[:IMAGES]
 
 
 def log_untrained_model(data: Path, store: Path) -> str:
@@ -75,12 +64,6 @@ def baseline(network: torch.nn.Module, files: list[Path]) -> list[float]:
             torch.softmax(network(prepare(Image.open(file).convert("RGB")).unsqueeze(0)), 1)
             times.append(time.perf_counter() - start)
     return times
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_uri: str, store: Path) -> tuple[subprocess.Popen, int]:
@@ -131,13 +114,12 @@ def row(name: str, images_per_call: int, seconds: list[float]) -> str:
 
 
 def main() -> None:
-    machine = (f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__} with "
-               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
-    print(f"bench_predict: improved_cnn at {IMAGE_SIZE} px (untrained), {IMAGES} synthetic crops; {machine}")
+    print(f"bench_predict: improved_cnn at {IMAGE_SIZE} px (untrained), {IMAGES} synthetic crops; {machine()}")
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         tmp = Path(tmp)
-        files = make_images(tmp / "data")
-        model_uri = log_untrained_model(tmp / "data", tmp)
+        data = synthetic_set(IMAGES)
+        files = sorted(data.rglob("*.bmp"))
+        model_uri = log_untrained_model(data, tmp)
         model = load_model(model_uri)
         lines = [row("baseline: PIL + torchvision transforms, batch 1", 1, baseline(model.network, files))]
 
@@ -145,7 +127,7 @@ def main() -> None:
         runs = []
         for _ in range(3):
             start = time.perf_counter()
-            predict_inputs(model, [str(tmp / "data")], batch=64)
+            predict_inputs(model, [str(data)], batch=64)
             runs.append(time.perf_counter() - start)
         lines.append(row(f"predict: folder of {IMAGES}, batch 64 (ms per whole run)", IMAGES, runs))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 
@@ -21,13 +22,21 @@ def machine() -> str:
 
 
 def synthetic_set(images: int, seed: int = 0) -> Path:
-    """`images` synthetic crops (a third per class), generated once and kept in the cache folder."""
+    """Exactly `images` synthetic crops (about a third per class), generated once into the cache folder."""
     root = default_cache_dir() / "bench-data" / f"{images}-{seed}"
     marker = root / ".complete"
     if not marker.exists():
         generate(root, per_class=-(-images // 3), seed=seed)
+        for extra in sorted(root.rglob("*.bmp"))[images:]:
+            extra.unlink()
         marker.touch()
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def original_transform(size: int = 112, augment: bool = True):
