@@ -41,7 +41,8 @@ class TrainConfig:
     image_size: int = _opt(112, "Side of the square network input, in pixels.")
     channels: int = _opt(3, "3 keeps the stain colour (recommended for SMIDS); 1 is grayscale as in the original study.", (1, 3))
     resize: str = _opt("pad", "pad keeps the aspect ratio (head shape is the signal); stretch distorts it as the original study did.", ("pad", "stretch"))
-    augment: bool = _opt(True, "Random rotation (any angle), flips, small affine and brightness/contrast on training batches.")
+    augment: bool = _opt(True, "Random rotation (any angle), flips, small affine, brightness/contrast and colour balance "
+                               "on training batches.")
     augment_strength: float = _opt(1.0, "Scales the affine and photometric augmentation (0 turns them off, rotation and flips stay).")
     # model
     model: str = _opt("improved_cnn", "Architecture.", MODELS)

@@ -365,7 +365,7 @@ def load_tensors(dataset: Dataset, size: int, channels: int, resize: str, cache_
 def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """A uint8 batch → a normalised float batch in [-1, 1] (as `normalize`), each image with its own
     random rotation (any angle: cells lie in every orientation), flip, small scale and shift,
-    brightness and contrast: one grid_sample call and one multiply-add."""
+    brightness, contrast and colour balance: one grid_sample call and one multiply-add."""
     n = images.shape[0]
 
     def uniform(low, high):
@@ -382,6 +382,9 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: fl
     out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
     brightness = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
     contrast = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
+    # per-channel gain: the colour balance of stain and lamp differs between smears and microscopes
+    colour = (torch.rand((n, pixels.shape[1], 1, 1), generator=generator) * 0.2 - 0.1) * strength + 1
+    brightness = brightness * colour.to(images.device)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     # ((x - mean) * contrast + mean) * brightness / 127.5 - 1, as one multiply-add
     gain = contrast * brightness / 127.5
