@@ -122,9 +122,14 @@ def test_manifest_round_trip_and_changed_file_is_refused(tmp_path):
     write_image(data / "Normal_Sperm" / "Normal_Sperm (2).png", seed=999)
     with pytest.raises(SmidsError, match=r"Normal_Sperm \(2\).png changed since manifest"):
         load_manifest(manifest, data)
+    result = invoke(["train", "--data", str(data), "--split-manifest", str(manifest), "--epochs", "1"])
+    assert_one_line_error(result, "Normal_Sperm (2).png changed since manifest")
     (data / "Normal_Sperm" / "Normal_Sperm (2).png").unlink()
     with pytest.raises(SmidsError, match="does not exist"):
         load_manifest(manifest, data)
+    (tmp_path / "not-a-manifest.csv").write_text("a,b\n1,2\n")
+    assert_one_line_error(invoke(["train", "--data", str(data), "--split-manifest", str(tmp_path / "not-a-manifest.csv")]),
+                          "is not a split manifest")
 
 
 def test_tensor_cache_is_reused_and_rebuilt_when_a_key_changes(tmp_path):
