@@ -31,7 +31,8 @@ from smids_ml import tracking
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, scan
 from smids_ml.models import build
-from smids_ml.predict import load_model, predict_inputs
+from smids_ml.predict import predict_inputs
+from smids_ml.serving import load_classifier
 
 IMAGES = 500
 IMAGE_SIZE = 112
@@ -120,7 +121,7 @@ def main() -> None:
         data = synthetic_set(IMAGES)
         files = sorted(data.rglob("*.bmp"))
         model_uri = log_untrained_model(data, tmp)
-        model = load_model(model_uri)
+        model = load_classifier(model_uri)
         lines = [row("baseline: PIL + torchvision transforms, batch 1", 1, baseline(model.network, files))]
 
         predict_inputs(model, [str(files[0])])  # warm-up

@@ -28,7 +28,7 @@ from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_su
 
 from smids_ml import SmidsError, plots, tracking
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, load_manifest, load_tensors, open_image
-from smids_ml.serving import SmidsClassifier
+from smids_ml.serving import load_classifier, one_line
 from smids_ml.train import use_experiment
 
 DEFAULT_EXPERIMENT = "smids-ml-evaluation"
@@ -155,10 +155,6 @@ def log_evaluation(frame: pd.DataFrame, root: Path, classes: list[str], probs: n
 # --------------------------------------------------------------------------- the model and its data
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(getattr(error, "message", error)).split())
-
-
 @dataclass
 class ModelSource:
     """A model URI resolved to the run that trained it (None when MLflow cannot tell) and its registry entry."""
@@ -188,19 +184,8 @@ def resolve_model(uri: str) -> ModelSource:
             return ModelSource(uri, version.run_id, f"models:/{version.name}/{version.version}",
                                version.name, str(version.version))
     except MlflowException as exc:
-        raise SmidsError(f"unknown model {uri}: {_one_line(exc)}") from None
+        raise SmidsError(f"unknown model {uri}: {one_line(exc)}") from None
     return ModelSource(uri, None, uri)  # a path or artifact URI: loadable, but its training run is unknown
-
-
-def load_classifier(source: ModelSource) -> SmidsClassifier:
-    """The logged pyfunc's own Python object: its config gives the preprocessing, its classes the label order."""
-    try:
-        model = mlflow.pyfunc.load_model(source.uri).unwrap_python_model()
-    except (MlflowException, OSError) as exc:
-        raise SmidsError(f"cannot load model {source.uri}: {_one_line(exc)}") from None
-    if not isinstance(model, SmidsClassifier):
-        raise SmidsError(f"{source.uri} is not a smids-ml model (its python model is {type(model).__name__})")
-    return model
 
 
 def evaluation_data(source: ModelSource, data: str | None, split_manifest: str | None, workdir: str) -> Dataset:
@@ -217,7 +202,7 @@ def evaluation_data(source: ModelSource, data: str | None, split_manifest: str |
             data = params.get("data_root") or params.get("data")
     except MlflowException as exc:
         raise SmidsError(f"training run {source.run_id} of {source.uri} has no usable manifest.csv "
-                         f"({_one_line(exc)}); pass --split-manifest") from None
+                         f"({one_line(exc)}); pass --split-manifest") from None
     if not data:
         raise SmidsError(f"training run {source.run_id} has no `data` parameter; pass --data")
     return load_manifest(split_manifest, data)
@@ -251,7 +236,7 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
     source = resolve_model(model_uri)
     with tempfile.TemporaryDirectory() as workdir:
         dataset = evaluation_data(source, data, split_manifest, workdir)
-    model = load_classifier(source)
+    model = load_classifier(source.uri)
     part = select_split(dataset, split, model.classes, model_uri)
     cfg = model.config
     images = load_tensors(part, cfg.image_size, cfg.channels, cfg.resize)

@@ -18,16 +18,15 @@ from typing import Iterable, Iterator
 
 import av
 import click
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from smids_ml import SmidsError
 from smids_ml.console import progress
 from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, open_image
+from smids_ml.serving import load_classifier
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
 OUTPUT_FORMATS = (".csv", ".json")
@@ -44,18 +43,6 @@ class Sample:
     image: torch.Tensor | None = None  # preprocessed uint8 C×H×W, dropped once classified
     error: str | None = None
     probs: np.ndarray | None = None
-
-
-def load_model(uri: str):
-    """The SmidsClassifier behind an MLflow model URI; one-line SmidsError when it cannot be loaded."""
-    try:
-        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except (MlflowException, OSError, ImportError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SmidsError(f"cannot load model {uri}: {reason}") from None
-    if not all(hasattr(model, name) for name in ("preprocess", "probabilities", "to_frame")):
-        raise SmidsError(f"{uri} is not a smids-ml model (its python model is a {type(model).__name__})")
-    return model
 
 
 def expand(inputs: Iterable[str]) -> list[tuple[str, str | None]]:
@@ -203,7 +190,7 @@ def main(model_uri, inputs, output, batch, every, min_confidence):
             raise SmidsError(f"--output {output}: unknown format; use a .csv or .json file name")
         if output.parent.exists() and not output.parent.is_dir():
             raise SmidsError(f"--output {output}: {output.parent} is not a folder")
-    model = load_model(model_uri)
+    model = load_classifier(model_uri)
     table = predict_inputs(model, inputs, batch, every, min_confidence)
     click.echo(render(table))
     if output is not None:

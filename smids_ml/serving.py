@@ -17,6 +17,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
 from smids_ml.data import MAX_PIXELS, ImageError, normalize, open_image, prepare_image
 from smids_ml.models import build
@@ -37,6 +38,22 @@ def decode_base64_image(text, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
     except (binascii.Error, ValueError):
         raise ImageError("not valid base64") from None
     return open_image(raw, max_pixels=max_pixels)
+
+
+def one_line(error: Exception) -> str:
+    """An exception's message on one line (MLflow's often span several)."""
+    return " ".join(str(getattr(error, "message", error)).split()) or type(error).__name__
+
+
+def load_classifier(uri: str) -> "SmidsClassifier":
+    """The SmidsClassifier behind any MLflow model URI; a one-line SmidsError when it cannot be loaded."""
+    try:
+        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except (MlflowException, OSError, ImportError) as exc:
+        raise SmidsError(f"cannot load model {uri}: {one_line(exc)}") from None
+    if not isinstance(model, SmidsClassifier):
+        raise SmidsError(f"{uri} is not a smids-ml model (its python model is a {type(model).__name__})")
+    return model
 
 
 class SmidsClassifier(mlflow.pyfunc.PythonModel):
