@@ -283,7 +283,10 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
 
 
 def _grid_done(study: optuna.Study, space: dict) -> bool:
-    """Whether every point of this grid already completed or was pruned in the study."""
+    """Whether every point of this grid already completed or was pruned in the study.
+
+    Not GridSampler.is_exhausted: that counts failed points as visited, and resume reruns them.
+    """
     grid = grid_of(space)
     points = {tuple(zip(grid, values)) for values in itertools.product(*grid.values())}
     finished = {tuple((name, t.params.get(name)) for name in grid) for t in study.get_trials(
