@@ -6,15 +6,16 @@ import importlib
 
 import click
 
+# name: (module, attribute, one-line help shown by `smids-ml --help` without importing torch or MLflow)
 COMMANDS = {
-    "synth": ("smids_ml.synth", "main"),
-    "explore": ("smids_ml.explore", "main"),
-    "train": ("smids_ml.train", "main"),
-    "tune": ("smids_ml.tune", "main"),
-    "evaluate": ("smids_ml.evaluate", "main"),
-    "compare": ("smids_ml.evaluate", "compare"),
-    "cv": ("smids_ml.cv", "main"),
-    "predict": ("smids_ml.predict", "main"),
+    "synth": ("smids_ml.synth", "main", "Write a synthetic SMIDS-like data set (for tests and demos)."),
+    "explore": ("smids_ml.explore", "main", "Summarise a data root and log the report to MLflow."),
+    "train": ("smids_ml.train", "main", "Train one model and log it to MLflow."),
+    "tune": ("smids_ml.tune", "main", "Search hyperparameters with Optuna; register the best model."),
+    "evaluate": ("smids_ml.evaluate", "main", "Evaluate a logged model on its training run's test split."),
+    "compare": ("smids_ml.evaluate", "compare", "Tabulate the latest test metrics of several models."),
+    "cv": ("smids_ml.cv", "main", "Stratified k-fold cross-validation under one parent run."),
+    "predict": ("smids_ml.predict", "main", "Classify images, folders, globs and videos with a logged model."),
 }
 
 
@@ -27,8 +28,12 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module, attribute = COMMANDS[name]
+        module, attribute, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_text) for name, (_, _, help_text) in COMMANDS.items()])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -58,7 +58,7 @@ def test_every_entry_point_command_parses_with_its_defaults():
 
 
 def test_cli_group_lists_every_command():
-    for name, (module, attribute) in COMMANDS.items():
+    for name, (module, attribute, _) in COMMANDS.items():
         assert callable(getattr(importlib.import_module(module), attribute)), name
 
 
