@@ -68,3 +68,13 @@ def test_readme_quick_start_has_exactly_two_commands():
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", quick, re.S)
     commands = [line for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert commands == ["make demo", "make test"]
+
+
+def test_group_help_imports_neither_torch_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from smids_ml.cli import main; "
+            "out = CliRunner().invoke(main, ['--help']).output; "
+            "assert 'predict' in out and 'torch' not in sys.modules and 'mlflow' not in sys.modules, out")
+    subprocess.run([sys.executable, "-c", code], check=True)
