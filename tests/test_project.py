@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from dataclasses import fields
 
@@ -71,9 +73,6 @@ def test_readme_quick_start_has_exactly_two_commands():
 
 
 def test_group_help_imports_neither_torch_nor_mlflow():
-    import subprocess
-    import sys
-
     code = ("import sys; from click.testing import CliRunner; from smids_ml.cli import main; "
             "out = CliRunner().invoke(main, ['--help']).output; "
             "assert 'predict' in out and 'torch' not in sys.modules and 'mlflow' not in sys.modules, out")
