@@ -80,7 +80,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as parent:
-        mlflow.log_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
+        tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
                            "folds": folds, "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
         tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")
         rows, out_of_fold = [], []

@@ -245,7 +245,7 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
     with mlflow.start_run(run_name=f"evaluate {source.canonical} ({split})") as run:
         mlflow.set_tags({"evaluated_model_uri": model_uri, "evaluated_model": source.canonical,
                          "evaluated_split": split, "training_run_id": source.run_id or ""})
-        mlflow.log_params({"model_uri": model_uri, "split": split, "data_root": str(part.root),
+        tracking.log_new_params({"model_uri": model_uri, "split": split, "data_root": str(part.root),
                            "n_images": len(part.manifest), "classes": ",".join(model.classes)})
         tracking.log_frame(part.manifest[MANIFEST_COLUMNS], "manifest.csv")  # exactly the images evaluated
         metrics, predictions = log_evaluation(part.manifest, part.root, model.classes, probs, prefix=split)

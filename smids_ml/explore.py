@@ -76,7 +76,7 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> 
         click.echo(line)
     use_experiment(experiment)
     with mlflow.start_run(run_name="explore") as run:
-        mlflow.log_params({"data_root": str(class_root), "classes": ",".join(counts["label"])})
+        tracking.log_new_params({"data_root": str(class_root), "class_names": ",".join(counts["label"])})
         mlflow.log_metrics({k: v for k, v in facts.items()})
         tracking.log_frame(counts, "explore/class_counts.csv")
         tracking.log_frame(resolutions, "explore/resolutions.csv")

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from smids_ml.cv import main
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 
 def test_two_fold_cv_gives_a_parent_with_two_fold_runs_and_mean_std(synth_data, tracking, tmp_path):
-    flags = [arg for key, value in TINY.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
-    result = CliRunner().invoke(main, ["--folds", "2", "--data", str(synth_data), "--experiment", tracking, *flags])
-    assert result.exit_code == 0, result.output
-    assert "test_accuracy" in result.output
+    """Through `mlflow run . -e cv`, so the entry point and its logged -P params are exercised too."""
+    params = [f"-P{key}={value}" for key, value in {**TINY, "folds": 2, "data": synth_data}.items()]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "cv", "--env-manager", "local", "--experiment-name",
+                           tracking, *params], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test_accuracy" in done.stdout
 
     runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

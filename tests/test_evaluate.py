@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import time
 
 import mlflow
@@ -15,6 +17,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
 
 from smids_ml.evaluate import HEADLINE, compare, main
+from tests.conftest import ROOT
 from tests.helpers import assert_one_line_error
 
 ALIAS = "models:/tiny@champion"
@@ -143,3 +146,13 @@ def test_bad_input_is_one_error_line(case, fragment, trained_model, tracking, tm
     args = {"unknown model": ["models:/no-such-model/1"],
             "missing data root": [trained_model["uri"], "--data", str(tmp_path / "missing")]}[case]
     assert_one_line_error(CliRunner().invoke(main, [*args, "--experiment", tracking]), fragment)
+
+
+def test_mlflow_run_evaluate_attaches_to_the_run_it_created(trained_model, tracking, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "evaluate", "--env-manager", "local",
+                           "--experiment-name", tracking, f"-Pmodel_uri={trained_model['uri']}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name(tracking).experiment_id])
+    assert run.data.tags["evaluated_model"] == trained_model["uri"] and "test_accuracy" in run.data.metrics

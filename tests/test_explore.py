@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 
+import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
+from tests.conftest import ROOT
 from tests.helpers import invoke
 
 
@@ -36,3 +40,13 @@ def test_explore_prints_a_summary_and_logs_figures_and_tables(tracking, synth_da
     assert resolutions["images"].sum() == 37 and resolutions["images"].is_monotonic_decreasing
     report = pd.read_csv(download_artifacts(run_id=run_id, artifact_path="explore/check_report.csv"))
     assert list(report["path"]) == ["Normal_Sperm/broken.bmp"]
+
+
+def test_mlflow_run_explore_logs_into_the_run_it_created(tracking, synth_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "explore", "--env-manager", "local", "--experiment-name",
+                           tracking, f"-Pdata={synth_data}"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name(tracking).experiment_id])
+    assert run.data.metrics["images"] == 36 and run.data.params["class_names"].count(",") == 2
+    assert len(MlflowClient().list_artifacts(run.info.run_id, "explore")) == 8
