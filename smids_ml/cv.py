@@ -19,7 +19,7 @@ import pandas as pd
 
 from smids_ml import tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
-from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches, stratified_groups
 from smids_ml.engine import predict_proba, resolve_device
 from smids_ml.evaluate import HEADLINE, log_evaluation
 from smids_ml.train import prepare_data, run_training, use_experiment
@@ -32,13 +32,10 @@ def carve_valid(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
 
     Each class keeps at least one training image; a class with two or more keeps at least one for validation.
     """
-    groups = frame.drop_duplicates("hash")[["hash", "label"]].sort_values("hash")
-    rng = np.random.default_rng(seed)
     chosen = []
-    for _, members in groups.groupby("label", sort=True):
-        hashes = members["hash"].to_numpy()
+    for _, hashes in stratified_groups(frame, seed):
         n = min(max(1, round(len(hashes) * fraction)), len(hashes) - 1)
-        chosen.extend(hashes[rng.permutation(len(hashes))[:n]])
+        chosen.extend(hashes[:n])
     return frame["hash"].isin(chosen)
 
 

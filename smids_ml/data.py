@@ -220,17 +220,23 @@ def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckR
 # --------------------------------------------------------------------------- splitting
 
 
-def split(frame: pd.DataFrame, valid_frac: float = 0.15, test_frac: float = 0.15, seed: int = 42) -> pd.DataFrame:
-    """Stratified, seeded train/valid/test split by unique content: duplicates share one split."""
+def stratified_groups(frame: pd.DataFrame, seed: int):
+    """(label, its unique content hashes in a seeded random order) per class: the unit every split,
+    fold and validation carve-out works on, so duplicates always move together."""
     groups = frame.drop_duplicates("hash")[["hash", "label"]].sort_values("hash")
     rng = np.random.default_rng(seed)
-    assignment = {}
     for label, members in groups.groupby("label", sort=True):
         hashes = members["hash"].to_numpy()
+        yield label, hashes[rng.permutation(len(hashes))]
+
+
+def split(frame: pd.DataFrame, valid_frac: float = 0.15, test_frac: float = 0.15, seed: int = 42) -> pd.DataFrame:
+    """Stratified, seeded train/valid/test split by unique content: duplicates share one split."""
+    assignment = {}
+    for label, hashes in stratified_groups(frame, seed):
         if len(hashes) < 3:
             raise SmidsError(f"class {label} has {len(hashes)} distinct readable image(s); at least 3 are needed "
                              "to give train, valid and test one each")
-        hashes = hashes[rng.permutation(len(hashes))]
         n_test = min(max(1, round(len(hashes) * test_frac)), len(hashes) - 2)
         n_valid = min(max(1, round(len(hashes) * valid_frac)), len(hashes) - n_test - 1)
         for i, h in enumerate(hashes):
@@ -242,14 +248,11 @@ def split(frame: pd.DataFrame, valid_frac: float = 0.15, test_frac: float = 0.15
 
 def assign_folds(frame: pd.DataFrame, folds: int, seed: int = 42) -> pd.Series:
     """Stratified k-fold assignment by unique content (duplicates share a fold)."""
-    groups = frame.drop_duplicates("hash")[["hash", "label"]].sort_values("hash")
-    rng = np.random.default_rng(seed)
     fold_of = {}
-    for label, members in groups.groupby("label", sort=True):
-        hashes = members["hash"].to_numpy()
+    for label, hashes in stratified_groups(frame, seed):
         if len(hashes) < folds:
             raise SmidsError(f"class {label} has {len(hashes)} distinct images, fewer than {folds} folds")
-        for i, h in enumerate(hashes[rng.permutation(len(hashes))]):
+        for i, h in enumerate(hashes):
             fold_of[h] = i % folds
     return frame["hash"].map(fold_of)
 
