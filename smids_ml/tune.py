@@ -25,7 +25,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from smids_ml import SmidsError, plots, tracking
+from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.data import Dataset, default_cache_dir
 from smids_ml.models import build

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
 from PIL import Image
+
+from tests.conftest import ROOT
 
 
 def write_image(path: Path, size=(60, 40), seed: int = 0, fmt: str | None = None) -> Path:
@@ -34,6 +38,20 @@ def make_colour_dataset(root: Path, per_class: int = 12) -> Path:
             (root / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(root / name / f"{name} ({i + 1}).png")
     return root
+
+
+def mlflow_run(entry: str, experiment: str, params: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """`mlflow run <repo> -e ENTRY --env-manager local` with `-P` params; asserts it succeeded.
+
+    set_experiment in this process exports MLFLOW_EXPERIMENT_ID, which `mlflow run` would reject
+    beside --experiment-name, so the child does not inherit it.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name",
+                           experiment, *[f"-P{k}={v}" for k, v in params.items()]],
+                          capture_output=True, text=True, cwd=cwd, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def invoke(args: list[str]):

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import TINY
+from tests.helpers import mlflow_run
 
 
 def test_two_fold_cv_gives_a_parent_with_two_fold_runs_and_mean_std(synth_data, tracking, tmp_path):
     """Through `mlflow run . -e cv`, so the entry point and its logged -P params are exercised too."""
-    params = [f"-P{key}={value}" for key, value in {**TINY, "folds": 2, "data": synth_data}.items()]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "cv", "--env-manager", "local", "--experiment-name",
-                           tracking, *params], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = mlflow_run("cv", tracking, {**TINY, "folds": 2, "data": synth_data}, tmp_path)
     assert "test_accuracy" in done.stdout
 
     runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")

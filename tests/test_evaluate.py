@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import time
 
 import mlflow
@@ -17,8 +15,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
 
 from smids_ml.evaluate import HEADLINE, compare, main
-from tests.conftest import ROOT
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, mlflow_run
 
 ALIAS = "models:/tiny@champion"
 FILES = {"manifest.csv", "predictions.csv", "plots/confusion_matrix.png", "plots/confusion_matrix_normalized.png",
@@ -149,10 +146,6 @@ def test_bad_input_is_one_error_line(case, fragment, trained_model, tracking, tm
 
 
 def test_mlflow_run_evaluate_attaches_to_the_run_it_created(trained_model, tracking, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "evaluate", "--env-manager", "local",
-                           "--experiment-name", tracking, f"-Pmodel_uri={trained_model['uri']}"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow_run("evaluate", tracking, {"model_uri": trained_model["uri"]}, tmp_path)
     [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name(tracking).experiment_id])
     assert run.data.tags["evaluated_model"] == trained_model["uri"] and "test_accuracy" in run.data.metrics

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from tests.conftest import ROOT
-from tests.helpers import invoke
+from tests.helpers import invoke, mlflow_run
 
 
 def test_explore_prints_a_summary_and_logs_figures_and_tables(tracking, synth_data, tmp_path):
@@ -43,10 +40,7 @@ def test_explore_prints_a_summary_and_logs_figures_and_tables(tracking, synth_da
 
 
 def test_mlflow_run_explore_logs_into_the_run_it_created(tracking, synth_data, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "explore", "--env-manager", "local", "--experiment-name",
-                           tracking, f"-Pdata={synth_data}"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow_run("explore", tracking, {"data": synth_data}, tmp_path)
     [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name(tracking).experiment_id])
     assert run.data.metrics["images"] == 36 and run.data.params["class_names"].count(",") == 2
     assert len(MlflowClient().list_artifacts(run.info.run_id, "explore")) == 8

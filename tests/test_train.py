@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 
 import mlflow
 import numpy as np
@@ -17,7 +16,7 @@ from smids_ml.config import TrainConfig
 from smids_ml.data import normalize, open_image, prepare_image
 from smids_ml.train import train
 from tests.conftest import ROOT, TINY
-from tests.helpers import assert_one_line_error, invoke
+from tests.helpers import assert_one_line_error, invoke, mlflow_run
 
 EPOCH_METRICS = ["train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "valid_precision",
                  "valid_recall", "lr", "epoch_seconds", "images_per_second"]
@@ -100,10 +99,7 @@ def test_unknown_choices_are_usage_errors(tracking, synth_data, flags):
 
 
 def test_mlflow_run_train_attaches_to_the_run_it_created(tracking, synth_data):
-    flags = [f"-P{k}={v}" for k, v in {**TINY, "data": synth_data, "augment": "no"}.items()]
-    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local", "--experiment-name",
-                           tracking, *flags], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow_run("train", tracking, {**TINY, "data": synth_data, "augment": "no"}, ROOT)
     runs = mlflow.search_runs(experiment_names=[tracking])
     assert len(runs) == 1
     run = runs.iloc[0]

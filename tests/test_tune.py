@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from smids_ml.tune import open_storage
-from tests.conftest import ROOT, TINY
-from tests.helpers import invoke, make_colour_dataset
+from tests.conftest import TINY
+from tests.helpers import invoke, make_colour_dataset, mlflow_run
 
 FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0"]
 
@@ -158,11 +157,7 @@ def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path,
     space = space_file(tmp_path, "pg", "params:\n  lr: [0.001, 0.003]\n")
     params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
               "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best"}
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", "tune", "--env-manager", "local", "--experiment-name",
-                           tracking, *[f"-P{k}={v}" for k, v in params.items()]],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow_run("tune", tracking, params, tmp_path)
     runs = mlflow.search_runs(experiment_names=[tracking])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert len(parents) == 1 and parents.iloc[0]["params.sampler"] == "grid"
