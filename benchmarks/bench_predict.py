@@ -51,7 +51,7 @@ def log_untrained_model(data: Path, store: Path) -> str:
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")  # artifacts too, never ./mlruns
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench-predict", str(store / "artifacts")))
     with mlflow.start_run():
-        return tracking.log_model(network, cfg, dataset).model_uri
+        return tracking.log_model([(network, cfg)], dataset).model_uri
 
 
 def baseline(network: torch.nn.Module, files: list[Path]) -> list[float]:
@@ -122,7 +122,7 @@ def main() -> None:
         files = sorted(data.rglob("*.bmp"))
         model_uri = log_untrained_model(data, tmp)
         model = load_classifier(model_uri)
-        lines = [row("baseline: PIL + torchvision transforms, batch 1", 1, baseline(model.network, files))]
+        lines = [row("baseline: PIL + torchvision transforms, batch 1", 1, baseline(model.networks[0], files))]
 
         predict_inputs(model, [str(files[0])])  # warm-up
         runs = []

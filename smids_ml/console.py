@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from contextlib import contextmanager
 from typing import Iterable, TypeVar
 
 import click
@@ -12,6 +13,30 @@ T = TypeVar("T")
 
 
 def progress(items: Iterable[T] | None, label: str, length: int | None = None):
-    """A click progress bar on stderr that stays silent when stderr is not a terminal (CI, logs, pipes)."""
+    """A click progress bar on stderr that stays silent when stderr is not a terminal (CI, logs, pipes).
+
+    Long work that must never be silent in a log (training epochs) uses `steps` instead.
+    """
     stream = sys.stderr if sys.stderr.isatty() else io.StringIO()
     return click.progressbar(items, label=label, length=length, file=stream)
+
+
+class _Lines:
+    """`steps`' stand-in for a bar off a terminal: one plain line per update."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def update(self, n: int = 1) -> None:
+        click.echo(self.label, err=True)
+
+
+@contextmanager
+def steps(label: str, length: int):
+    """Progress over `length` steps: a bar on a terminal; elsewhere one plain line per step, so a
+    long run redirected to a file, CI or nohup still shows each epoch. Set `.label`, then `.update(1)`."""
+    if sys.stderr.isatty():
+        with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+            yield bar
+    else:
+        yield _Lines(label)

@@ -6,6 +6,9 @@ test fold by `evaluate.log_evaluation`, the code `smids-ml evaluate` uses. The p
 mean and sample standard deviation of every test metric (`cv_test_accuracy_mean`, `..._std`), as
 published 5-fold SMIDS results are reported, the per-fold table, and the pooled out-of-fold
 predictions (every image scored once, by the model that never saw it).
+
+With `--register-as`, the K fold models become one logged model (the mean of their probabilities,
+the same pyfunc class as a single model) on the parent run, registered under that name.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from smids_ml import tracking
+from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches, stratified_groups
-from smids_ml.engine import predict_proba, resolve_device
+from smids_ml.engine import predict_proba, resolve_device, resolve_precision
 from smids_ml.evaluate import HEADLINE, log_evaluation
 from smids_ml.train import prepare_data, run_training, use_experiment
 
@@ -53,7 +56,7 @@ def fold_probabilities(network, dataset: Dataset, cfg: TrainConfig) -> np.ndarra
     device = resolve_device(cfg.device)
     images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
     batches = make_batches(dataset, images, cfg.batch, augment=False, strength=0.0, seed=cfg.seed, device=device)
-    return predict_proba(network, batches["test"], device)[0]
+    return predict_proba(network, batches["test"], device, resolve_precision(cfg.precision, device, cfg.model))[0]
 
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
@@ -68,19 +71,26 @@ class CVResult:
     run_id: str
     folds: pd.DataFrame  # one row per fold: run id, sizes, best epoch and test metrics
     summary: dict[str, float]
+    networks: list  # the fold models, in fold order
+    model_uri: str | None = None  # the ensemble, when logged
+    version: str | None = None  # its registered version
 
 
 def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DEFAULT_EXPERIMENT,
-                   run_name: str | None = None) -> CVResult:
-    """Train and test `folds` models in nested runs of one parent run (or `mlflow run`'s run)."""
-    dataset = prepare_data(cfg)
+                   run_name: str | None = None, register_as: str | None = None, alias: str | None = None,
+                   dataset: Dataset | None = None) -> CVResult:
+    """Train and test `folds` models in nested runs of one parent run (or `mlflow run`'s run);
+    with `register_as`, log and register their ensemble. `dataset` skips scanning `cfg.data` again."""
+    dataset = dataset or prepare_data(cfg)
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as parent:
         tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
                            "folds": folds, "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
         tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")
-        rows, out_of_fold = [], []
+        # every image trained some fold model: what `evaluate --split all` leaves out for the ensemble
+        tracking.log_frame(dataset.manifest.assign(split="train")[MANIFEST_COLUMNS], "manifest.csv")
+        rows, out_of_fold, networks = [], [], []
         for k in range(folds):
             part = fold_dataset(dataset, fold, k, cfg.valid_frac, cfg.seed)
             with mlflow.start_run(run_name=f"fold {k + 1}/{folds}", nested=True) as child:
@@ -92,6 +102,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
             rows.append({"fold": k, "run_id": child.info.run_id, "best_epoch": result.history.best_epoch,
                          **{f"n_{s}": int(sizes.get(s, 0)) for s in ("train", "valid", "test")}, **metrics})
             out_of_fold.append((part.part("test"), probs))
+            networks.append(result.network)
         table = pd.DataFrame(rows)
         tracking.log_frame(table, "cv_folds.csv")
         summary = summarize(table)
@@ -99,7 +110,13 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
         pooled = pd.concat([frame for frame, _ in out_of_fold], ignore_index=True)
         log_evaluation(pooled, dataset.root, dataset.classes, np.concatenate([p for _, p in out_of_fold]),
                        prefix="cv_oof", folder="out_of_fold")
-    return CVResult(parent.info.run_id, table, summary)
+        result = CVResult(parent.info.run_id, table, summary, networks)
+        if register_as:
+            result.model_uri = tracking.log_model([(n, cfg) for n in networks], dataset).model_uri
+            result.version = tracking.register(result.model_uri, register_as, alias, tags={
+                "run_id": parent.info.run_id, "members": folds,
+                **{k: round(v, 6) for k, v in summary.items() if k.startswith("cv_test_") and k.endswith("_mean")}}).version
+    return result
 
 
 @click.command("cv")
@@ -109,14 +126,23 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
 @config_options()
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="Name of the parent run.")
-def main(folds, experiment, run_name, **options):
+@click.option("--register-as", default=None,
+              help="Log the K fold models as one ensemble model (mean of probabilities) and register it under this name.")
+@click.option("--alias", default=None, help="Alias to point at the registered ensemble (e.g. champion).")
+def main(folds, experiment, run_name, register_as, alias, **options):
     """Stratified k-fold cross-validation: train and test one model per fold, report mean ± std."""
-    result = cross_validate(config_from_options(options), folds, experiment, run_name)
+    cfg = config_from_options(options)
+    if alias and not register_as:
+        raise SmidsError("--alias needs --register-as")
+    result = cross_validate(cfg, folds, experiment, run_name, register_as or None, alias or None)
     rows = [(f"test_{m}", result.summary[f"cv_test_{m}_mean"], result.summary[f"cv_test_{m}_std"])
             for m in HEADLINE if f"cv_test_{m}_mean" in result.summary]
     click.echo(f"{folds}-fold cross-validation, parent run {result.run_id}")
     table = pd.DataFrame(rows, columns=["metric", "mean", "std"])
     click.echo(table.to_string(index=False, float_format="{:.4f}".format))
+    if result.version:
+        click.echo(f"registered the {folds}-model ensemble as models:/{register_as}/{result.version}"
+                   + (f" (@{alias})" if alias else ""))
 
 
 if __name__ == "__main__":

@@ -365,19 +365,22 @@ def load_tensors(dataset: Dataset, size: int, channels: int, resize: str, cache_
 # --------------------------------------------------------------------------- batches
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0, rotation: float = 180.0,
+                  scale_shift: float = 0.1) -> torch.Tensor:
     """A uint8 batch → a normalised float batch in [-1, 1] (as `normalize`), each image with its own
-    random rotation (any angle: cells lie in every orientation), flip, small scale and shift,
-    brightness, contrast and colour balance: one grid_sample call and one multiply-add."""
+    random rotation (up to ±`rotation` degrees; 180: any angle, as cells lie in every orientation),
+    mirror flip, scale and shift (±`scale_shift` × strength), brightness, contrast and colour
+    balance: one grid_sample call and one multiply-add."""
     n = images.shape[0]
 
     def uniform(low, high):
         return torch.rand(n, generator=generator) * (high - low) + low
 
-    angle = uniform(0, 2 * torch.pi)
+    angle = uniform(-torch.pi * rotation / 180, torch.pi * rotation / 180)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    scale = uniform(1 - 0.1 * strength, 1 + 0.1 * strength)
-    shift_x, shift_y = uniform(-0.1 * strength, 0.1 * strength), uniform(-0.1 * strength, 0.1 * strength)
+    reach = scale_shift * strength
+    scale = uniform(1 - reach, 1 + reach)
+    shift_x, shift_y = uniform(-reach, reach), uniform(-reach, reach)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1)
     pixels = images.float()  # 0..255; grid_sample is linear, so the scaling folds into the last step
@@ -401,9 +404,11 @@ class Batches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, shuffle: bool = False,
-                 augment: bool = False, strength: float = 1.0, seed: int = 0, device: str | torch.device = "cpu"):
+                 augment: bool = False, strength: float = 1.0, seed: int = 0, device: str | torch.device = "cpu",
+                 rotation: float = 180.0, scale_shift: float = 0.1):
         self.images, self.labels = images, labels
         self.batch, self.shuffle, self.augment, self.strength = batch, shuffle, augment, strength
+        self.rotation, self.scale_shift = rotation, scale_shift
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -416,12 +421,13 @@ class Batches:
         for start in range(0, n, self.batch):
             index = order[start:start + self.batch]
             x = self.images[index].to(self.device, non_blocking=True)
-            x = augment_batch(x, self.generator, self.strength) if self.augment else normalize(x)
+            x = (augment_batch(x, self.generator, self.strength, self.rotation, self.scale_shift) if self.augment
+                 else normalize(x))
             yield x, self.labels[index].to(self.device, non_blocking=True)
 
 
 def make_batches(dataset: Dataset, images: torch.Tensor, batch: int, augment: bool, strength: float,
-                 seed: int, device) -> dict[str, Batches]:
+                 seed: int, device, rotation: float = 180.0, scale_shift: float = 0.1) -> dict[str, Batches]:
     """One Batches per split; only train is shuffled and augmented."""
     index = {c: i for i, c in enumerate(dataset.classes)}
     labels = torch.tensor([index[c] for c in dataset.manifest["label"]], dtype=torch.long)
@@ -430,5 +436,5 @@ def make_batches(dataset: Dataset, images: torch.Tensor, batch: int, augment: bo
         rows = torch.from_numpy(np.flatnonzero(dataset.manifest["split"].to_numpy() == part))
         training = part == "train"
         out[part] = Batches(images[rows], labels[rows], batch, shuffle=training, augment=training and augment,
-                            strength=strength, seed=seed, device=device)
+                            strength=strength, seed=seed, device=device, rotation=rotation, scale_shift=scale_shift)
     return out

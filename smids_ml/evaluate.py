@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
 
 from smids_ml import SmidsError, plots, tracking
-from smids_ml.data import MANIFEST_COLUMNS, Dataset, load_manifest, load_tensors, open_image
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, check, load_manifest, load_tensors, open_image, scan
 from smids_ml.serving import load_classifier, one_line
 from smids_ml.train import use_experiment
 
@@ -208,6 +208,41 @@ def evaluation_data(source: ModelSource, data: str | None, split_manifest: str |
     return load_manifest(split_manifest, data)
 
 
+def training_manifest(source: ModelSource, workdir: str) -> pd.DataFrame:
+    """The manifest rows logged with the model's training run (every image it trained or was selected on)."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path="manifest.csv",
+                                                   dst_path=f"{workdir}/training-run-{source.run_id}")
+        return pd.read_csv(path)
+    except (MlflowException, OSError, ValueError) as exc:
+        raise SmidsError(f"training run {source.run_id} of {source.uri} has no usable manifest.csv "
+                         f"({one_line(exc)}); cannot tell which images it trained on") from None
+
+
+def foreign_data(source: ModelSource, data: str, workdir: str, strict: bool = False) -> tuple[Dataset, pd.DataFrame]:
+    """Every readable image of a labelled folder the training run never listed, as split `all`, and the
+    rows left out because their pixels are in the training run's manifest (any split of it)."""
+    class_root, frame = scan(data)
+    report = check(class_root, frame, strict=strict)
+    for line in report.lines():
+        click.echo(line, err=True)
+    if source.run_id is None:
+        raise SmidsError(f"cannot tell which run trained {source.uri}, so its training images cannot be left out "
+                         f"of {data}; use a models:/ or runs:/ URI")
+    seen = set(training_manifest(source, workdir)["hash"])
+    manifest = report.frame.assign(split="all")
+    overlap = manifest["hash"].isin(seen)
+    if overlap.any():
+        names = ", ".join(manifest.loc[overlap, "path"].head(5))
+        more = f" and {overlap.sum() - 5} more" if overlap.sum() > 5 else ""
+        click.echo(f"left out {overlap.sum()} of {len(manifest)} images whose pixels are in the training run's "
+                   f"manifest: {names}{more}", err=True)
+    if overlap.all():
+        raise SmidsError(f"every readable image in {class_root} is in the training run's manifest: nothing to evaluate")
+    kept = manifest[~overlap].sort_values("path").reset_index(drop=True)
+    return Dataset(class_root, kept, sorted(set(kept["label"]))), manifest[overlap].reset_index(drop=True)
+
+
 def select_split(dataset: Dataset, split: str, classes: list[str], uri: str) -> Dataset:
     """The rows to evaluate, labelled in the model's class order; refuses labels the model never learned."""
     unknown = sorted(set(dataset.manifest["label"]) - set(classes))
@@ -216,7 +251,8 @@ def select_split(dataset: Dataset, split: str, classes: list[str], uri: str) -> 
                          f"(its classes: {', '.join(classes)})")
     rows = dataset.manifest if split == "all" else dataset.part(split)
     if rows.empty:
-        raise SmidsError(f"the manifest has no {split} images")
+        raise SmidsError(f"the manifest has no {split} images (a cross-validation ensemble trained on all of its "
+                         "data); score a folder the model never saw with --data FOLDER --split all")
     return Dataset(dataset.root, rows.reset_index(drop=True), list(classes))
 
 
@@ -234,8 +270,12 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
              batch: int = 64, experiment: str | None = DEFAULT_EXPERIMENT) -> Evaluation:
     """Evaluate one model in a new (or `mlflow run`'s) run; tag its registered version with the headline metrics."""
     source = resolve_model(model_uri)
+    excluded = None
     with tempfile.TemporaryDirectory() as workdir:
-        dataset = evaluation_data(source, data, split_manifest, workdir)
+        if split == "all" and data and not split_manifest:
+            dataset, excluded = foreign_data(source, data, workdir)
+        else:
+            dataset = evaluation_data(source, data, split_manifest, workdir)
     model = load_classifier(source.uri)
     part = select_split(dataset, split, model.classes, model_uri)
     cfg = model.config
@@ -248,6 +288,9 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
         tracking.log_new_params({"model_uri": model_uri, "split": split, "data_root": str(part.root),
                            "n_images": len(part.manifest), "classes": ",".join(model.classes)})
         tracking.log_frame(part.manifest[MANIFEST_COLUMNS], "manifest.csv")  # exactly the images evaluated
+        if excluded is not None:
+            mlflow.log_param("n_excluded_seen_in_training", len(excluded))
+            tracking.log_frame(excluded[MANIFEST_COLUMNS], "excluded_seen_in_training.csv")
         metrics, predictions = log_evaluation(part.manifest, part.root, model.classes, probs, prefix=split)
     if source.version:
         client = MlflowClient()
@@ -278,7 +321,9 @@ def summary(metrics: dict[str, float], classes: list[str], prefix: str) -> str:
 @click.option("--split-manifest", default=None,
               help="Manifest CSV to evaluate (default: the manifest.csv logged with the model's training run).")
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True,
-              help="Manifest split to evaluate; metric names start with it (test_accuracy, valid_accuracy, ...).")
+              help="Manifest split to evaluate; metric names start with it (test_accuracy, valid_accuracy, ...). "
+                   "--split all with --data FOLDER (no --split-manifest) scores every image of a labelled folder, "
+                   "leaving out and reporting those whose pixels are in the training run's manifest.")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment for the run.")
 def main(model_uri, data, split_manifest, split, batch, experiment):

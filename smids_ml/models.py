@@ -1,4 +1,5 @@
-"""The model zoo, built by name: the original study's two CNNs and three torchvision networks."""
+"""The model zoo, built by name: the original study's two CNNs, a compact residual network sized
+for SMIDS crops (the default) and three torchvision networks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torchvision import models as tv
 
 from smids_ml import SmidsError
 
+OWN = ("simple_cnn", "improved_cnn", "smids_resnet")
 TORCHVISION = {
     "resnet18": (tv.resnet18, tv.ResNet18_Weights.IMAGENET1K_V1),
     "mobilenet_v3_small": (tv.mobilenet_v3_small, tv.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
@@ -35,6 +37,51 @@ class StudyCNN(nn.Module):
             nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(128, num_classes),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with batch norm and an identity (or 1×1 projection) shortcut."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True),
+            nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False), nn.BatchNorm2d(outputs),
+        )
+        self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
+            nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class SmidsResNet(nn.Module):
+    """A compact ResNet for 64–128 px crops trained from scratch: a stride-2 stem, four one-block
+    stages (32, 64, 128, 256 channels), global average pooling. About 1.2 M parameters and about
+    3× resnet18's training speed on a CPU at 96 px; the network's last feature map is 6×6 there."""
+
+    WIDTHS = (32, 64, 128, 256)
+
+    def __init__(self, num_classes: int, channels: int, dropout: float):
+        super().__init__()
+        layers = [nn.Conv2d(channels, self.WIDTHS[0], 3, 2, 1, bias=False), nn.BatchNorm2d(self.WIDTHS[0]),
+                  nn.ReLU(inplace=True)]
+        width = self.WIDTHS[0]
+        for stage, out in enumerate(self.WIDTHS):
+            layers.append(BasicBlock(width, out, stride=1 if stage == 0 else 2))
+            width = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                        nn.Linear(width, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        for block in self.modules():  # zero-init the last BN of each block: every block starts as identity
+            if isinstance(block, BasicBlock):
+                nn.init.zeros_(block.body[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -78,12 +125,14 @@ def _replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
 def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35, image_size: int = 112,
           pretrained: bool = False) -> nn.Module:
     """A fresh network for `num_classes` classes on `channels`-channel `image_size` inputs."""
-    if name in ("simple_cnn", "improved_cnn"):
-        if pretrained:
-            raise SmidsError(f"--pretrained: no ImageNet weights exist for {name}; use one of {', '.join(TORCHVISION)}")
+    if name not in OWN and name not in TORCHVISION:
+        raise SmidsError(f"unknown model {name!r}; choose one of {', '.join([*OWN, *TORCHVISION])}")
+    if pretrained and name in OWN:
+        raise SmidsError(f"--pretrained: no ImageNet weights exist for {name}; use one of {', '.join(TORCHVISION)}")
+    if name == "smids_resnet":
+        return SmidsResNet(num_classes, channels, dropout)
+    if name in OWN:
         return StudyCNN(num_classes, channels, dropout, image_size, batch_norm=name == "improved_cnn")
-    if name not in TORCHVISION:
-        raise SmidsError(f"unknown model {name!r}; choose one of simple_cnn, improved_cnn, {', '.join(TORCHVISION)}")
     factory, weights = TORCHVISION[name]
     model = factory(weights=None)
     if pretrained:

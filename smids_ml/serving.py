@@ -57,7 +57,9 @@ def load_classifier(uri: str) -> "SmidsClassifier":
 
 
 class SmidsClassifier(mlflow.pyfunc.PythonModel):
-    """Weights (a state_dict, loaded with weights_only=True) plus the training config and classes."""
+    """One or more networks that share their input preprocessing and classes; the answer is the mean
+    of their probabilities. A single trained model is an ensemble of one; k-fold and top-k ensembles
+    are the same class. Weights are state_dicts, loaded with weights_only=True."""
 
     def load_context(self, context) -> None:
         with open(context.artifacts["config"]) as handle:
@@ -65,12 +67,18 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
         self.load(meta, context.artifacts["weights"])
 
     def load(self, meta: dict, weights_path: str) -> "SmidsClassifier":
+        """`meta`: {"classes", "members": [config, ...]}, or the single-model {"classes", "config"} of
+        models logged before ensembles; the weights file holds {"members": [state_dict, ...]} or one state_dict."""
         self.classes: list[str] = meta["classes"]
-        self.config = TrainConfig.from_dict(meta["config"])
-        cfg = self.config
-        self.network = build(cfg.model, len(self.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
-        self.network.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        self.network.eval().to(memory_format=torch.channels_last)
+        self.members = [TrainConfig.from_dict(c) for c in meta.get("members") or [meta["config"]]]
+        self.config = self.members[0]  # the input preprocessing every member shares
+        saved = torch.load(weights_path, map_location="cpu", weights_only=True)
+        states = saved["members"] if set(saved) == {"members"} else [saved]
+        self.networks = []
+        for cfg, state in zip(self.members, states, strict=True):
+            network = build(cfg.model, len(self.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+            network.load_state_dict(state)
+            self.networks.append(network.eval().to(memory_format=torch.channels_last))
         return self
 
     def preprocess(self, image) -> torch.Tensor:
@@ -79,10 +87,11 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """Class probabilities for a uint8 N×C×H×W batch of preprocessed images."""
-        out = [torch.softmax(self.network(normalize(images[i:i + INFERENCE_BATCH]).contiguous(
-                   memory_format=torch.channels_last)), 1)
-               for i in range(0, len(images), INFERENCE_BATCH)]
+        """Class probabilities (the members' mean) for a uint8 N×C×H×W batch of preprocessed images."""
+        out = []
+        for i in range(0, len(images), INFERENCE_BATCH):
+            batch = normalize(images[i:i + INFERENCE_BATCH]).contiguous(memory_format=torch.channels_last)
+            out.append(torch.stack([torch.softmax(network(batch), 1) for network in self.networks]).mean(0))
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def to_frame(self, probs: np.ndarray) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 import smids_ml
+from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, prepare_image, open_image
 from smids_ml.plots import close
@@ -76,9 +77,14 @@ def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> 
 
 def log_new_params(params: dict) -> None:
     """Log params on the active run, keeping any that `mlflow run` already logged from its -P values
-    (MLflow refuses to change a param, and those carry the user's own spelling)."""
+    (MLflow refuses to change a param, and those carry the user's own spelling). A value that differs
+    from the one already logged (a preset's) is logged as `effective_<name>`."""
     already = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({k: v for k, v in params.items() if k not in already})
+    differing = {f"effective_{k}": v for k, v in params.items()
+                 if k in already and str(already[k]).lower() != str(v).lower() and already[k] != ""}
+    if differing:  # e.g. `-P preset=original` under mlflow run: the preset's value is what trained
+        mlflow.log_params(differing)
 
 
 def epoch_logger(epoch: int, metrics: dict) -> None:
@@ -99,31 +105,47 @@ def log_frame(frame: pd.DataFrame, path: str) -> None:
         mlflow.log_artifact(str(file), str(Path(path).parent) if Path(path).parent != Path(".") else None)
 
 
-def model_meta(cfg: TrainConfig, classes: list[str]) -> dict:
-    return {"config": cfg.to_dict(), "classes": list(classes)}
+INPUT_FIELDS = ("image_size", "channels", "resize")
 
 
-def log_model(network: torch.nn.Module, cfg: TrainConfig, dataset: Dataset, name: str = "model"):
-    """Log the pyfunc (weights + config + this package's code) with a signature and a 2-image example."""
+def model_meta(configs: list[TrainConfig], classes: list[str]) -> dict:
+    """What the pyfunc needs besides weights: the classes and each member's config."""
+    return {"classes": list(classes), "members": [cfg.to_dict() for cfg in configs]}
+
+
+def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Dataset, name: str = "model"):
+    """Log the pyfunc (members' weights + configs + this package's code) with a signature and a 2-image example.
+
+    `members` is one (network, config) pair for a single model, or several for an ensemble; they must
+    share the input preprocessing (image size, channels, resize), which the served model applies once.
+    """
     from smids_ml.serving import SmidsClassifier
 
+    configs = [cfg for _, cfg in members]
+    inputs = {tuple(getattr(cfg, f) for f in INPUT_FIELDS) for cfg in configs}
+    if len(inputs) != 1:
+        raise SmidsError(f"ensemble members must share {', '.join(INPUT_FIELDS)}; got {sorted(inputs)}")
+    cfg = configs[0]
     examples = dataset.manifest.groupby("label").head(1).head(2)["path"]
     if len(examples) < 2:
         examples = dataset.manifest["path"].head(2)
     encoded = [base64.b64encode((dataset.root / p).read_bytes()).decode("ascii") for p in examples]
     example = pd.DataFrame({"image": encoded})
     with tempfile.TemporaryDirectory() as tmp:
-        weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "config.json"
-        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights)
-        meta.write_text(json.dumps(model_meta(cfg, dataset.classes), indent=2))
-        classifier = SmidsClassifier().load(model_meta(cfg, dataset.classes), str(weights))
+        weights, meta_file = Path(tmp) / "weights.pt", Path(tmp) / "config.json"
+        torch.save({"members": [{k: v.detach().cpu() for k, v in network.state_dict().items()}
+                                for network, _ in members]}, weights)
+        meta = model_meta(configs, dataset.classes)
+        meta_file.write_text(json.dumps(meta, indent=2))
+        classifier = SmidsClassifier().load(meta, str(weights))
         batch = torch.stack([prepare_image(open_image(dataset.root / p), cfg.image_size, cfg.channels, cfg.resize)
                              for p in examples])
         output = classifier.to_frame(classifier.probabilities(batch))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "add type hints": the signature is given explicitly
             return mlflow.pyfunc.log_model(
-                name=name, python_model=str(PACKAGE_DIR / "model_code.py"), artifacts={"weights": str(weights), "config": str(meta)},
+                name=name, python_model=str(PACKAGE_DIR / "model_code.py"),
+                artifacts={"weights": str(weights), "config": str(meta_file)},
                 signature=infer_signature(example, output), input_example=example,
                 pip_requirements=pip_requirements(), code_paths=[str(PACKAGE_DIR)],
             )

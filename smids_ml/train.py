@@ -20,9 +20,9 @@ import torch
 from smids_ml import SmidsError
 from smids_ml import plots, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
-from smids_ml.console import progress
+from smids_ml.console import steps
 from smids_ml.data import Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
-from smids_ml.engine import History, fit, predict_proba, resolve_device, seed_everything
+from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build, count_parameters
 
 DEFAULT_EXPERIMENT = "smids-ml"
@@ -63,18 +63,21 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
     seed_everything(cfg.seed)
     network = build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size, cfg.pretrained)
-    batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device)
+    batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
+                           cfg.rotation, cfg.scale_shift)
     tracking.log_run_context(cfg, dataset, count_parameters(network))
-    with progress(None, f"Training {cfg.model}", length=cfg.epochs) as bar:
+    with steps(f"Training {cfg.model}", cfg.epochs) as bar:
         def show(epoch: int, metrics: dict) -> None:
-            bar.label = f"epoch {epoch}/{cfg.epochs}: {cfg.monitor} {metrics[cfg.monitor]:.4f}"
+            bar.label = (f"epoch {epoch}/{cfg.epochs}: train_loss {metrics['train_loss']:.4f} "
+                         f"valid_acc {metrics['valid_acc']:.4f} valid_f1 {metrics['valid_f1']:.4f} "
+                         f"({metrics['epoch_seconds']:.0f} s)")
             bar.update(1)
 
         history = fit(network, batches, cfg, device, callbacks=[tracking.epoch_logger, show, *callbacks])
     log_outcome(history, network, batches["valid"], dataset, cfg, device)
     result = TrainResult(run.info.run_id, history, network, dataset)
     if log_model:
-        result.model_uri = tracking.log_model(network, cfg, dataset).model_uri
+        result.model_uri = tracking.log_model([(network, cfg)], dataset).model_uri
     return result
 
 
@@ -86,7 +89,7 @@ def log_outcome(history: History, network, valid_batches, dataset: Dataset, cfg:
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
     tracking.log_frame(frame, "history.csv")
     tracking.log_figure(plots.training_curves(frame, history.best_epoch), "plots/training_curves.png")
-    probs, targets = predict_proba(network, valid_batches, device)
+    probs, targets = predict_proba(network, valid_batches, device, resolve_precision(cfg.precision, device, cfg.model))
     tracking.log_figure(plots.confusion_matrix(targets, probs.argmax(1), dataset.classes,
                                                title="Validation confusion matrix (best epoch)"),
                         "plots/valid_confusion_matrix.png")

@@ -88,6 +88,7 @@ class Search:
     space: dict
     dataset: Dataset
     weights_dir: Path
+    keep: int = 1  # trials whose weights are kept: the best `keep` (the top-k ensemble)
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.base.replace(**suggest(trial, self.space)).validate()
@@ -116,11 +117,14 @@ class Search:
             raise optuna.TrialPruned()
         return result.history.best[cfg.monitor]
 
+    def config_of(self, trial: optuna.trial.FrozenTrial) -> TrainConfig:
+        return self.base.replace(**{**self.space["fixed"], **trial.params}).validate()
+
     def keep_best_weights(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Callback: delete every trial's weights file but the best one's."""
-        best = _best_trial(study)
+        """Callback: delete every trial's weights file but the best `keep` ones'."""
+        kept = {f"trial-{t.number}.pt" for t in ranked_trials(study)[:self.keep]}
         for file in self.weights_dir.glob("trial-*.pt"):
-            if best is None or file.name != f"trial-{best.number}.pt":
+            if file.name not in kept:
                 file.unlink(missing_ok=True)
 
 
@@ -136,6 +140,12 @@ def _best_trial(study: optuna.Study):
         return study.best_trial
     except ValueError:  # no complete trial yet
         return None
+
+
+def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials, best first."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(done, key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
 
 
 def check_same_space(study: optuna.Study, space: dict) -> None:
@@ -209,7 +219,11 @@ def log_study(study: optuna.Study, monitor: str) -> None:
 
 
 def promote_best(study: optuna.Study, search: Search, register_as: str, alias: str | None):
-    """Log the best trial's model on its own child run and register it (once per best trial)."""
+    """Log the best trial's model on its own child run and register it (once per best trial).
+
+    With `search.keep` > 1 the model is the ensemble of the best `keep` trials that share the best
+    trial's input preprocessing (one model, the mean of their probabilities).
+    """
     best = _best_trial(study)
     if best is None:
         click.echo("no trial completed: nothing to register", err=True)
@@ -219,28 +233,42 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
     if client.get_run(run_id).data.tags.get("smids_ml.model_uri"):
         click.echo(f"best trial {best.number} is already registered", err=True)
         return None
-    weights = search.weights_dir / f"trial-{best.number}.pt"
-    if not weights.is_file():
-        raise SmidsError(f"weights of best trial {best.number} are gone ({weights}); rerun that trial to register it")
-    cfg = search.base.replace(**{**search.space["fixed"], **best.params}).validate()
-    network = build(cfg.model, len(search.dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
-    network.load_state_dict(torch.load(weights, weights_only=True))
+    shape = lambda cfg: tuple(getattr(cfg, f) for f in tracking.INPUT_FIELDS)  # noqa: E731
+    chosen = [t for t in ranked_trials(study) if shape(search.config_of(t)) == shape(search.config_of(best))]
+    chosen = [t for t in chosen if (search.weights_dir / f"trial-{t.number}.pt").is_file()][:search.keep]
+    if best not in chosen:
+        raise SmidsError(f"weights of best trial {best.number} are gone ({search.weights_dir}); "
+                         "rerun that trial to register it")
+    if len(chosen) < search.keep:
+        click.echo(f"ensemble of {len(chosen)} trials, not {search.keep}: only these completed with the best "
+                   "trial's input size and colour mode", err=True)
+    members = []
+    for trial in chosen:
+        cfg = search.config_of(trial)
+        network = build(cfg.model, len(search.dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+        network.load_state_dict(torch.load(search.weights_dir / f"trial-{trial.number}.pt", weights_only=True))
+        members.append((network, cfg))
     with mlflow.start_run(run_id=run_id, nested=True):
-        info = tracking.log_model(network, cfg, search.dataset)
+        info = tracking.log_model(members, search.dataset)
         mlflow.set_tag("smids_ml.model_uri", info.model_uri)
     metrics = client.get_run(run_id).data.metrics
     version = tracking.register(info.model_uri, register_as, alias, tags={
         "study": study.study_name, "trial": best.number, "run_id": run_id,
+        "members": ",".join(str(t.number) for t in chosen),
         **{k: round(v, 6) for k, v in metrics.items() if k.startswith("best_valid_")}})
-    weights.unlink()
+    for trial in chosen:
+        (search.weights_dir / f"trial-{trial.number}.pt").unlink()
     return version
 
 
 def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_trials: int | None = None,
          timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
          storage: str | None = None, register_as: str = "best", alias: str | None = "champion",
-         experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3):
-    """Run (or resume) a study under one parent run; returns (study, registered version or None)."""
+         experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3,
+         ensemble_top: int = 1):
+    """Run (or resume) a study under one parent run; returns (study, registered version or None).
+
+    `ensemble_top` > 1 registers the ensemble of the best trials instead of the best one alone."""
     space = load_space(space_name)
     storage = storage or default_storage()
     if isinstance(space_name, dict):
@@ -260,7 +288,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     dataset = prepare_data(base)
     weights_dir = default_cache_dir() / "trials" / study_name
     weights_dir.mkdir(parents=True, exist_ok=True)
-    search = Search(base, space, dataset, weights_dir)
+    search = Search(base, space, dataset, weights_dir, keep=ensemble_top)
     use_experiment(experiment)
     parent = study.user_attrs.get(PARENT_ATTR)
     resume = parent if parent and not os.environ.get("MLFLOW_RUN_ID") and _run_exists(parent) else None
@@ -318,16 +346,19 @@ def _run_exists(run_id: str) -> bool:
               help=f"Optuna storage URL or journal file [default: {JOURNAL} beside a SQLite tracking store].")
 @click.option("--register-as", default="best", show_default=True, help="Registered model name for the best trial.")
 @click.option("--alias", default="champion", show_default=True, help="Alias pointed at the registered version.")
+@click.option("--ensemble-top", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Register the ensemble of the best K trials (sharing the best's input size and colour mode): "
+                   "one model that averages their probabilities.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @config_options()
 def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
-         storage, register_as, alias, experiment, **options):
+         storage, register_as, alias, ensemble_top, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
     base = config_from_options(options)
     try:
         study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                               storage or None, register_as or None, alias or None, experiment,
-                              pruner_startup_trials, pruner_warmup_epochs)
+                              pruner_startup_trials, pruner_warmup_epochs, ensemble_top)
     except KeyboardInterrupt:
         raise SmidsError("interrupted: the running trial is marked FAIL; run the same command again to resume") from None
     best = _best_trial(study)

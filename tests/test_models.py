@@ -12,7 +12,7 @@ from smids_ml import SmidsError
 from smids_ml.models import TORCHVISION, build, count_parameters, weights_path
 
 
-@pytest.mark.parametrize("name", ["simple_cnn", "improved_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["smids_resnet", "simple_cnn", "improved_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_model_classifies_any_channel_count(name, channels):
     model = build(name, num_classes=4, channels=channels, dropout=0.2, image_size=64).eval()
