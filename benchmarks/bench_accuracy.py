@@ -1,0 +1,108 @@
+"""Accuracy on real crops: k-fold cross-validation of named recipes, and an honest k-fold ensemble.
+
+    python -m benchmarks.bench_accuracy                      # default and original, 5 folds, smids-dev
+    python -m benchmarks.bench_accuracy --recipes default --folds 3 --epochs 15    # a quick screen
+
+Every recipe row is `smids_ml.cv.cross_validate` (the code `smids-ml cv` runs), logged to MLflow
+(experiment `smids-ml-bench-accuracy`): test accuracy and macro F1 as mean ± std over the folds.
+
+The ensemble row never scores an image that a member trained or was selected on: one stratified
+fold (1/k of the data) is held out; k-fold cross-validation of the first recipe on the rest trains
+the k members; the ensemble (mean of their probabilities) and each member are scored on the
+held-out images.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+from benchmarks.common import machine, table
+from smids_ml import SmidsError
+from smids_ml.config import PRESETS, TrainConfig
+from smids_ml.cv import cross_validate
+from smids_ml.data import Dataset, assign_folds, load_tensors, make_batches
+from smids_ml.engine import classification_metrics, predict_proba, resolve_device
+from smids_ml.train import prepare_data
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smids-dev"
+EXPERIMENT = "smids-ml-bench-accuracy"
+
+
+def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
+    return TrainConfig.from_preset(recipe, data=str(data), **overrides).validate()
+
+
+def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> list:
+    start = time.perf_counter()
+    result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} ({folds}-fold)")
+    minutes = (time.perf_counter() - start) / 60 / folds
+    s = result.summary
+    return [f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
+            f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{minutes:.1f}"]
+
+
+def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int) -> list[list]:
+    """Hold out one fold; cross-validate on the rest; score the k members and their mean on the held-out fold."""
+    dataset = prepare_data(cfg)
+    outer = assign_folds(dataset.manifest, folds, cfg.seed + 1)
+    held_out = Dataset(dataset.root, dataset.manifest[outer == 0].assign(split="test").reset_index(drop=True),
+                       dataset.classes)
+    rest = Dataset(dataset.root, dataset.manifest[outer != 0].reset_index(drop=True), dataset.classes)
+    start = time.perf_counter()
+    result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} {folds}-model ensemble", dataset=rest)
+    minutes = (time.perf_counter() - start) / 60 / folds
+    device = resolve_device(cfg.device)
+    images = load_tensors(held_out, cfg.image_size, cfg.channels, cfg.resize)
+    batches = make_batches(held_out, images, 128, augment=False, strength=0.0, seed=0, device=device)["test"]
+    scored = [predict_proba(network, batches, device) for network in result.networks]
+    targets = scored[0][1]
+    members = [classification_metrics(targets, probs, "holdout") for probs, _ in scored]
+    mean = classification_metrics(targets, np.mean([probs for probs, _ in scored], axis=0), "holdout")
+    client = MlflowClient()
+    for key, value in {"holdout_ensemble_accuracy": mean["holdout_acc"], "holdout_ensemble_f1_macro": mean["holdout_f1"],
+                       "holdout_members_accuracy_mean": float(np.mean([m["holdout_acc"] for m in members])),
+                       "holdout_images": len(targets)}.items():
+        client.log_metric(result.run_id, key, value)
+    accs, f1s = [m["holdout_acc"] for m in members], [m["holdout_f1"] for m in members]
+    return [[f"its {folds} members, each alone, on the same {len(targets)} held-out images",
+             f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}",
+             f"{np.mean(f1s):.4f} ± {np.std(f1s, ddof=1):.4f}", f"{minutes:.1f}"],
+            [f"{recipe}: {folds}-model ensemble (mean of probabilities), {len(targets)} held-out images",
+             f"{mean['holdout_acc']:.4f}", f"{mean['holdout_f1']:.4f}", ""]]
+
+
+@click.command()
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
+              help="Labelled real crops, one folder per class.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--recipes", default="default,original", show_default=True,
+              help=f"Comma-separated presets ({', '.join(PRESETS)}); the first one is also the ensemble's.")
+@click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="Add the held-out ensemble rows.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
+@click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
+def main(data: Path, folds: int, recipes: str, ensemble: bool, epochs: int | None, image_size: int | None) -> None:
+    """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
+    if not data.is_dir():
+        raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "
+                         "(the benchmark needs real data; tests use synthetic sets)")
+    overrides = {k: v for k, v in {"epochs": epochs, "image_size": image_size}.items() if v is not None}
+    names = [r.strip() for r in recipes.split(",") if r.strip()]
+    print(f"accuracy on {data}, {machine()}", flush=True)
+    rows = []
+    for name in names:
+        rows.append(cv_row(name, recipe_config(name, data, overrides), folds))
+        print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows[-1:]), flush=True)
+    if ensemble:
+        rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds)
+    print()
+    print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows))
+
+
+if __name__ == "__main__":
+    main()
