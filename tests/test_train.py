@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,8 +15,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from smids_ml.config import TrainConfig
+from smids_ml.config import TrainConfig, config_from_options
 from smids_ml.data import normalize, open_image, prepare_image
+from smids_ml.engine import resolve_precision
+from smids_ml.train import main as train_command
 from smids_ml.train import train
 from tests.conftest import ROOT, TINY
 from tests.helpers import assert_one_line_error, invoke, mlflow_run
@@ -107,3 +112,54 @@ def test_mlflow_run_train_attaches_to_the_run_it_created(tracking, synth_data):
     assert run["params.augment"] == "no" and run["params.epochs"] == "2"
     assert run["metrics.valid_acc"] >= 0 and run["params.best_epoch"] in ("1", "2")
     assert len(MlflowClient().get_metric_history(run["run_id"], "valid_f1")) == 2
+
+
+def config_of(args: list[str]) -> TrainConfig:
+    """The config `train ARGS` would run with (parsed by the real command)."""
+    with train_command.make_context("train", args) as context:
+        return config_from_options(dict(context.params))
+
+
+def test_presets_set_a_recipe_and_explicit_flags_override_it(monkeypatch):
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    assert config_of([]) == TrainConfig()
+    original = config_of(["--preset", "original"])
+    assert (original.channels, original.resize, original.image_size, original.model, original.optimizer,
+            original.lr, original.scheduler, original.rotation, original.scale_shift, original.monitor) == \
+        (1, "stretch", 112, "improved_cnn", "Adam", 1e-4, "cosine", 30.0, 0.0, "valid_acc")
+    # an explicit flag wins, even one equal to the default recipe's value
+    mixed = config_of(["--preset", "original", "--channels", "3", "--lr", "0.002"])
+    assert (mixed.channels, mixed.lr, mixed.resize, mixed.preset) == (3, 0.002, "stretch", "original")
+    assert_one_line_error(invoke(["train", "--preset", "fancy"]), "--preset", exit_code=2)
+
+
+def test_mlflow_run_with_a_preset_logs_the_values_that_trained(tracking, synth_data):
+    mlflow_run("train", tracking, {**TINY, "data": synth_data, "preset": "original"}, ROOT)
+    run = mlflow.search_runs(experiment_names=[tracking]).iloc[0]
+    # mlflow run logged every -P default; the preset's values are what trained, and are logged beside them
+    assert run["params.preset"] == "original" and run["params.channels"] == "3"
+    assert run["params.effective_channels"] == "1" and run["params.effective_resize"] == "stretch"
+    assert run["params.image_size"] == "32" and "params.effective_image_size" not in run  # explicit -P wins
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run["run_id"],
+                                                                 artifact_path="config.json")).read_text())
+    assert (config["channels"], config["rotation"], config["image_size"]) == (1, 30.0, 32)
+
+
+def test_a_run_off_a_terminal_prints_one_line_per_epoch(tracking, synth_data):
+    """stderr is a pipe here, as in a log file, CI or nohup: each epoch must still show."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "epochs": 3}.items()]
+    done = subprocess.run([sys.executable, "-m", "smids_ml.train", "--data", str(synth_data), "--experiment",
+                           tracking, *flags], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("valid_acc" in line and "train_loss" in line for line in lines)
+
+
+def test_bf16_precision_trains_on_the_cpu_and_auto_picks_by_device(tracking, synth_data):
+    cfg = TrainConfig(data=str(synth_data), **TINY, precision="bf16").validate()
+    history = train(cfg, experiment=tracking).history
+    assert all(np.isfinite(epoch["train_loss"]) for epoch in history.epochs)
+    assert resolve_precision("auto", torch.device("cpu"), "improved_cnn") == "fp32"
+    assert resolve_precision("auto", torch.device("cuda"), "smids_resnet") == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda"), "resnet18") == "fp32"

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from smids_ml.serving import load_classifier
 from smids_ml.tune import open_storage
 from tests.conftest import TINY
 from tests.helpers import invoke, make_colour_dataset, mlflow_run
@@ -179,3 +180,18 @@ def test_default_study_storage_sits_beside_a_sqlite_tracking_store(synth_data, t
                      "--epochs", "1", "--register-as", "", *FLAGS])
     assert result.exit_code == 0, result.output
     assert len(load(store / "optuna.journal", "one-grid").trials) == 1
+
+
+def test_ensemble_top_registers_the_best_trials_as_one_model(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "top", "fixed: {model: improved_cnn}\nparams:\n  lr: [0.001, 0.002, 0.003]\n")
+    storage = tmp_path / "optuna.journal"
+    tune(tracking, synth_data, storage, "--space", space, "--epochs", "1", "--study-name", "top",
+         "--register-as", "tuned-top", "--pruner", "none", "--ensemble-top", "2")
+    study = load(storage, "top")
+    ranked = sorted((t for t in study.trials if t.value is not None), key=lambda t: t.value, reverse=True)
+    version = MlflowClient().get_model_version_by_alias("tuned-top", "champion")
+    assert version.tags["members"] == f"{ranked[0].number},{ranked[1].number}"
+    assert int(version.tags["trial"]) == study.best_trial.number == ranked[0].number
+    model = load_classifier("models:/tuned-top@champion")
+    assert [cfg.lr for cfg in model.members] == [ranked[0].params["lr"], ranked[1].params["lr"]]
+    assert not list((tmp_path.parent / "cache").glob("trials/top/*.pt"))

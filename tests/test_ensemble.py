@@ -1,0 +1,112 @@
+"""A k-fold ensemble is one registered model: loaded, predicted with, evaluated and served like a
+single one, with the same probabilities everywhere; `evaluate --split all` scores a foreign folder
+and leaves out what the training run saw."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from smids_ml.data import SMIDS_CLASSES, normalize, open_image, prepare_image
+from smids_ml.predict import main as predict
+from smids_ml.serving import load_classifier
+from smids_ml.synth import generate
+from tests.conftest import BIN, TINY, free_port, stop, wait_for_http
+from tests.helpers import invoke
+from tests.test_serving import payload, post
+
+TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture(scope="module")
+def ensemble(mlflow_server, synth_data):
+    """A 2-fold cross-validation registered as `ens@champion`."""
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    mlflow.set_tracking_uri(mlflow_server)
+    result = invoke(["cv", "--folds", "2", "--data", str(synth_data), *TINY_FLAGS, "--experiment", "ensemble",
+                     "--register-as", "ens", "--alias", "champion"])
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    assert result.exit_code == 0, result.output
+    assert "registered the 2-model ensemble as models:/ens/1 (@champion)" in result.output
+    return "models:/ens@champion"
+
+
+@pytest.fixture(scope="module")
+def foreign(synth_data, tmp_path_factory):
+    """A labelled folder the training never listed, plus one copy of a training image."""
+    root = tmp_path_factory.mktemp("foreign") / "lab2"
+    generate(root, per_class=3, seed=77)
+    shutil.copy(synth_data / "Normal_Sperm" / "Normal_Sperm (1).bmp", root / "Normal_Sperm" / "seen-before.bmp")
+    return root
+
+
+def files_of(root) -> list:
+    return sorted(p for label in SMIDS_CLASSES for p in (root / label).glob("*.bmp") if p.name != "seen-before.bmp")
+
+
+def test_the_ensemble_averages_its_fold_models(ensemble, foreign):
+    model = load_classifier(ensemble)
+    assert len(model.networks) == 2 and model.classes == list(SMIDS_CLASSES)
+    cfg = model.config
+    batch = torch.stack([prepare_image(open_image(f), cfg.image_size, cfg.channels, cfg.resize)
+                         for f in files_of(foreign)])
+    with torch.no_grad():
+        alone = [torch.softmax(network(normalize(batch)), 1).numpy() for network in model.networks]
+    assert not np.allclose(alone[0], alone[1])  # two different members
+    np.testing.assert_allclose(model.probabilities(batch), np.mean(alone, axis=0), atol=1e-6)
+
+
+def test_predict_evaluate_and_serve_give_the_same_probabilities(ensemble, foreign, tmp_path):
+    files = files_of(foreign)
+    out = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(predict, [ensemble, *map(str, files), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    predicted = pd.read_csv(out)
+
+    result = invoke(["evaluate", ensemble, "--data", str(foreign), "--split", "all", "--experiment", "ens-eval"])
+    assert result.exit_code == 0, result.output
+    assert "left out 1 of 10 images whose pixels are in the training run's manifest: Normal_Sperm/seen-before.bmp" \
+        in result.output
+    [run] = mlflow.search_runs(experiment_names=["ens-eval"], output_format="list")
+    assert run.data.params["n_excluded_seen_in_training"] == "1" and run.data.params["n_images"] == "9"
+    evaluated = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                               artifact_path="predictions.csv", dst_path=str(tmp_path)))
+    assert "Normal_Sperm/seen-before.bmp" not in set(evaluated["path"])
+    evaluated = evaluated.set_index(evaluated["path"].map(lambda p: str(foreign / p))).loc[map(str, files)]
+    np.testing.assert_allclose(evaluated[list(SMIDS_CLASSES)].to_numpy(float),
+                               predicted[list(SMIDS_CLASSES)].to_numpy(float), atol=1e-5)
+
+    port = free_port()
+    process = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", ensemble, "--env-manager", "local",
+                                "--host", "127.0.0.1", "--port", str(port)],
+                               stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", process)
+        encoded = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
+        status, answer = post(f"http://127.0.0.1:{port}", payload("dataframe_split", encoded))
+    finally:
+        stop(process)
+    assert status == 200, answer
+    served = pd.DataFrame(answer["predictions"])
+    np.testing.assert_allclose(served[list(SMIDS_CLASSES)], predicted[list(SMIDS_CLASSES)], atol=1e-5)
+
+
+def test_the_ensemble_has_no_test_split_of_its_own(ensemble):
+    result = invoke(["evaluate", ensemble])
+    assert result.exit_code == 1 and "--data FOLDER --split all" in result.output
+
+
+def test_a_single_model_scores_a_foreign_folder_without_its_training_images(trained_model, foreign, tracking):
+    result = invoke(["evaluate", trained_model["uri"], "--data", str(foreign), "--split", "all",
+                     "--experiment", tracking])
+    assert result.exit_code == 0, result.output
+    assert "left out 1 of 10 images" in result.output and "9 images of split all" in result.output
