@@ -1,6 +1,7 @@
 # make demo  — set up and run the demo job on synthetic data (local SQLite tracking store)
 # make test  — set up and run the test suite (what .ci/run calls)
-# make bench — run the benchmarks (prints tables)
+# make bench — run the speed benchmarks (prints tables)
+# make bench-accuracy — cross-validated accuracy on real crops (../shared/data/smids-dev by default; hours on a CPU)
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+bench-accuracy: setup
+	$(BIN)/python -m benchmarks.bench_accuracy $(ARGS)
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db optuna.journal data/synthetic

@@ -1,10 +1,12 @@
 """Prediction speed on this CPU: `python -m benchmarks.bench_predict`.
 
-An untrained improved_cnn at 112 px (weights do not change speed) is logged as the real pyfunc to a
-throwaway SQLite store, and 500 synthetic crops are written. Then, on the same network:
+The default model (TrainConfig's architecture and input size), untrained (weights do not change
+speed), is logged as the real pyfunc to a throwaway SQLite store, alone and as a 5-model ensemble,
+and 500 synthetic crops are written. Then, on the same network:
 - baseline: the original study's way, PIL open + torchvision transforms per image, batch 1;
 - predict: the CLI's own function on the folder (decode, preprocess, batches of 64), model loaded;
-- served: `mlflow models serve` over loopback, one image per request and 32 per request.
+- served: `mlflow models serve` over loopback, one image per request and 32 per request, for the
+  single model and for the 5-model ensemble.
 The target is a served p50 under 30 ms for one image.
 """
 
@@ -35,23 +37,28 @@ from smids_ml.predict import predict_inputs
 from smids_ml.serving import load_classifier
 
 IMAGES = 500
-IMAGE_SIZE = 112
+DEFAULT = TrainConfig()
+IMAGE_SIZE = DEFAULT.image_size
+ENSEMBLE = 5
 SINGLE_REQUESTS = 100
 BATCH = 32
 BATCH_REQUESTS = 16
 TARGET_P50_MS = 30.0
 
 
-def log_untrained_model(data: Path, store: Path) -> str:
-    """The pyfunc exactly as training logs it, with freshly initialised weights; its model URI."""
-    cfg = TrainConfig(data=str(data), image_size=IMAGE_SIZE, model="improved_cnn")
+def log_untrained_model(data: Path, store: Path, members: int = 1) -> str:
+    """The pyfunc exactly as training (or cv, for an ensemble) logs it, with fresh weights; its model URI."""
+    cfg = TrainConfig(data=str(data))
     class_root, frame = scan(data)
     dataset = Dataset(class_root, frame, sorted(set(frame["label"])))
-    network = build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+    networks = [build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+                for _ in range(members)]
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")  # artifacts too, never ./mlruns
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench-predict", str(store / "artifacts")))
+    if not mlflow.get_experiment_by_name("bench-predict"):
+        mlflow.create_experiment("bench-predict", str(store / "artifacts"))
+    mlflow.set_experiment("bench-predict")
     with mlflow.start_run():
-        return tracking.log_model([(network, cfg)], dataset).model_uri
+        return tracking.log_model([(network, cfg) for network in networks], dataset).model_uri
 
 
 def baseline(network: torch.nn.Module, files: list[Path]) -> list[float]:
@@ -65,6 +72,19 @@ def baseline(network: torch.nn.Module, files: list[Path]) -> list[float]:
             torch.softmax(network(prepare(Image.open(file).convert("RGB")).unsqueeze(0)), 1)
             times.append(time.perf_counter() - start)
     return times
+
+
+def serve_rows(model_uri: str, store: Path, encoded: list[str], label: str) -> tuple[list[str], list[float]]:
+    """Served rows (1 image and BATCH images per request) for one model; also the single-image times."""
+    process, port = start_server(model_uri, store)
+    try:
+        single = served(port, encoded[:1], SINGLE_REQUESTS)
+        batched = served(port, encoded, BATCH_REQUESTS)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return [row(f"served{label}: 1 image per request ({SINGLE_REQUESTS} requests)", 1, single),
+            row(f"served{label}: {BATCH} images per request ({BATCH_REQUESTS} requests)", BATCH, batched)], single
 
 
 def start_server(model_uri: str, store: Path) -> tuple[subprocess.Popen, int]:
@@ -111,11 +131,12 @@ def served(port: int, images: list[str], requests: int) -> list[float]:
 def row(name: str, images_per_call: int, seconds: list[float]) -> str:
     ms = np.array(seconds) * 1000
     rate = images_per_call * len(seconds) / sum(seconds)
-    return f"{name:<52} {rate:>9.1f} {np.percentile(ms, 50):>9.2f} {np.percentile(ms, 95):>9.2f}"
+    return f"{name:<66} {rate:>9.1f} {np.percentile(ms, 50):>9.2f} {np.percentile(ms, 95):>9.2f}"
 
 
 def main() -> None:
-    print(f"bench_predict: improved_cnn at {IMAGE_SIZE} px (untrained), {IMAGES} synthetic crops; {machine()}")
+    print(f"bench_predict: {DEFAULT.model} at {IMAGE_SIZE} px (untrained), alone and as a {ENSEMBLE}-model "
+          f"ensemble, {IMAGES} synthetic crops; {machine()}")
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         tmp = Path(tmp)
         data = synthetic_set(IMAGES)
@@ -133,17 +154,12 @@ def main() -> None:
         lines.append(row(f"predict: folder of {IMAGES}, batch 64 (ms per whole run)", IMAGES, runs))
 
         encoded = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files[:BATCH]]
-        process, port = start_server(model_uri, tmp)
-        try:
-            single = served(port, encoded[:1], SINGLE_REQUESTS)
-            batched = served(port, encoded, BATCH_REQUESTS)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-        lines.append(row(f"served: 1 image per request ({SINGLE_REQUESTS} requests)", 1, single))
-        lines.append(row(f"served: {BATCH} images per request ({BATCH_REQUESTS} requests)", BATCH, batched))
+        served_lines, single = serve_rows(model_uri, tmp, encoded, "")
+        lines += served_lines
+        ensemble_uri = log_untrained_model(data, tmp, ENSEMBLE)
+        lines += serve_rows(ensemble_uri, tmp, encoded, f", {ENSEMBLE}-model ensemble")[0]
 
-    print(f"{'':<52} {'images/s':>9} {'p50 ms':>9} {'p95 ms':>9}")
+    print(f"{'':<66} {'images/s':>9} {'p50 ms':>9} {'p95 ms':>9}")
     print("\n".join(lines))
     p50 = float(np.percentile(single, 50)) * 1000
     print(f"target: served p50 for one image under {TARGET_P50_MS:.0f} ms: {p50:.2f} ms, "

@@ -3,7 +3,9 @@
 improved_cnn at 112 px, batch 32, one epoch over 2100 synthetic images: this project's pipeline
 (tensor cache + batched augmentation + channels-last engine) against the original study's (PIL decode
 and transforms per item, default memory layout), on the same grayscale model, with a row that adds
-only channels-last to the original so the two gains can be told apart; then every model of the zoo.
+only channels-last to the original so the two gains can be told apart; then every model of the zoo,
+and fp32 against bf16 autocast at the default input size for the default network and resnet18 (bf16
+pays only on CPUs with native bf16: AVX512-BF16 or AMX; `--precision auto` uses it only there).
 Targets: at least 1.5x the original pipeline, input overhead under 10% of the epoch.
 """
 
@@ -18,9 +20,9 @@ import torch
 from torch import nn
 
 from benchmarks.common import machine, original_loader, synthetic_set, table
-from smids_ml.config import MODELS
+from smids_ml.config import MODELS, TrainConfig
 from smids_ml.data import Batches, build_dataset, load_tensors
-from smids_ml.engine import train_one_epoch
+from smids_ml.engine import cpu_has_native_bf16, train_one_epoch
 from smids_ml.models import build
 
 IMAGES, SIZE, BATCH = 2100, 112, 32
@@ -28,7 +30,8 @@ ZOO_BATCHES = 10  # per zoo model: enough for a stable rate, short enough for re
 SPEEDUP_TARGET, OVERHEAD_TARGET = 1.5, 0.10
 
 
-def train_rate(model: nn.Module, batches, limit: int | None = None, channels_last: bool = True) -> tuple[int, float]:
+def train_rate(model: nn.Module, batches, limit: int | None = None, channels_last: bool = True,
+               precision: str = "fp32") -> tuple[int, float]:
     """(images, seconds) for one Adam pass over `batches` (the first `limit`), input included.
 
     channels_last=True is this project's engine (engine.train_one_epoch); False is the original
@@ -40,7 +43,8 @@ def train_rate(model: nn.Module, batches, limit: int | None = None, channels_las
     start = time.perf_counter()
     if channels_last:
         model.to(memory_format=torch.channels_last)  # as engine.fit does
-        metrics = train_one_epoch(model, itertools.islice(batches, limit), optimizer, criterion, torch.device("cpu"))
+        metrics = train_one_epoch(model, itertools.islice(batches, limit), optimizer, criterion, torch.device("cpu"),
+                                  precision)
         images = round(metrics["images_per_second"] * (time.perf_counter() - start))
     else:
         model.train()
@@ -92,6 +96,20 @@ def main() -> None:
         batches = Batches(colour, labels, BATCH, shuffle=True, augment=True, seed=0)
         n, seconds = train_rate(build(name, 3, channels=3), batches, ZOO_BATCHES)
         rows.append([f"zoo: {name} 3 ch ({ZOO_BATCHES} batches)", n, seconds, n / seconds, "", ""])
+
+    size = TrainConfig().image_size
+    with tempfile.TemporaryDirectory() as cache:
+        small = load_tensors(dataset, size, 3, "pad", Path(cache))
+    native = "native bf16" if cpu_has_native_bf16() else "no native bf16 on this CPU"
+    for name in (TrainConfig().model, "resnet18"):
+        fp32 = None
+        for precision in ("fp32", "bf16"):
+            batches = Batches(small, labels, BATCH, shuffle=True, augment=True, seed=0)
+            n, seconds = train_rate(build(name, 3, channels=3, image_size=size), batches, ZOO_BATCHES,
+                                    precision=precision)
+            fp32 = fp32 or n / seconds
+            rows.append([f"{name} {size} px {precision} ({native})", n, seconds, n / seconds,
+                         f"{n / seconds / fp32:.2f}x fp32", ""])
 
     print(table(["model and pipeline", "images", "seconds", "images/s", "vs original", "input share"],
                 [[*r[:5], f"{r[5]:.1%}" if isinstance(r[5], float) else r[5]] for r in rows]))

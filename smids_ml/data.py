@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 import torch
@@ -162,8 +163,17 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Pat
             raise SmidsError(f"class folder(s) {', '.join(missing)} not found in {class_root} "
                              f"(found: {', '.join(folders) or 'none'})")
         folders = {canonical_class(c): folders[canonical_class(c)] for c in classes}
-    rows = [(p.relative_to(class_root).as_posix(), label)
-            for label, folder in folders.items() for p in _image_files(folder)]
+    rows = []
+    for label, folder in folders.items():
+        for file in _image_files(folder):
+            rel = file.relative_to(class_root).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the file system could not decode: no CSV can hold the name
+                shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+                click.echo(f"skipped {shown}: the file name is not valid UTF-8; rename the file to use it", err=True)
+                continue
+            rows.append((rel, label))
     return class_root, pd.DataFrame(rows, columns=["path", "label"])
 
 
@@ -301,16 +311,58 @@ def write_manifest(dataset: Dataset, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
-    """Reuse a manifest's split; refuse it when any listed file is missing or its pixels changed."""
+SPLITS = ("train", "valid", "test")
+
+
+def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tuple[str, ...]) -> None:
+    """Refuse, naming the row (CSV line number) and the reason, what would make the split a lie:
+    paths leaving the data root, unknown splits, labels that are not the file's folder, repeated
+    rows, one image (by pixels) in two splits, and a missing split that is needed."""
+    def refuse(index, reason):
+        raise SmidsError(f"manifest {path}, line {index + 2} ({manifest.at[index, 'path']}): {reason}")
+
+    for index, row in manifest.iterrows():
+        if not isinstance(row["path"], str) or not row["path"]:
+            refuse(index, "no path")
+        rel = Path(row["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            refuse(index, "the path leaves the data root (absolute or '..'); manifest paths are relative to it")
+        if row["split"] not in SPLITS:
+            refuse(index, f"split {row['split']!r} is not one of {', '.join(SPLITS)}")
+        if len(rel.parts) < 2 or canonical_class(rel.parts[0]) != row["label"]:
+            refuse(index, f"label {row['label']!r} is not the file's class folder (labels come from folders)")
+    repeated = manifest["path"].duplicated()
+    if repeated.any():
+        refuse(manifest.index[repeated][0], "listed twice")
+    spread = manifest.groupby("hash")["split"].nunique()
+    leaked = manifest["hash"].isin(spread[spread > 1].index)
+    if leaked.any():
+        first = manifest[leaked].iloc[0]
+        others = manifest[leaked & (manifest["hash"] == first["hash"])]
+        refuse(others.index[-1], f"the same image (pixel hash) is in splits {', '.join(sorted(set(others['split'])))}; "
+                                 "that is leakage between splits")
+    missing = [s for s in required_splits if not (manifest["split"] == s).any()]
+    if missing:
+        raise SmidsError(f"manifest {path} has no {' or '.join(missing)} rows; training needs train, valid and test")
+
+
+def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None,
+                  required_splits: tuple[str, ...] = ()) -> Dataset:
+    """Reuse a manifest's split; refuse it when a row is inconsistent (check_manifest_rows), any
+    listed file is missing, or its pixels changed. Training requires all three splits."""
     path = Path(path)
     try:
         manifest = pd.read_csv(path, dtype={"hash": str, "path": str, "label": str, "split": str})
+    except pd.errors.EmptyDataError:
+        raise SmidsError(f"manifest {path} is empty") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise SmidsError(f"cannot read manifest {path}: {exc}") from None
     missing_columns = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing_columns:
         raise SmidsError(f"{path} is not a split manifest (missing columns: {', '.join(sorted(missing_columns))})")
+    if manifest.empty:
+        raise SmidsError(f"manifest {path} lists no images")
+    check_manifest_rows(manifest, path, required_splits)
     class_root = find_class_root(root, sorted(set(manifest["label"])))
     with progress(list(manifest.itertuples(index=False)), "Verifying manifest") as rows:
         for row in rows:

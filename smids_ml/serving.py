@@ -96,8 +96,8 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
 
     def to_frame(self, probs: np.ndarray) -> pd.DataFrame:
         """label, confidence and one probability column per class."""
-        frame = pd.DataFrame({"label": [self.classes[i] for i in probs.argmax(1)] if len(probs) else [],
-                              "confidence": probs.max(1) if len(probs) else []})
+        frame = pd.DataFrame({"label": pd.Series([self.classes[i] for i in probs.argmax(1)], dtype=object),
+                              "confidence": pd.Series(probs.max(1) if len(probs) else [], dtype="float64")})
         for i, name in enumerate(self.classes):
             frame[name] = probs[:, i].astype(float)
         return frame

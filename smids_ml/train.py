@@ -21,7 +21,7 @@ from smids_ml import SmidsError
 from smids_ml import plots, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import steps
-from smids_ml.data import Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
+from smids_ml.data import SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build, count_parameters
 
@@ -41,10 +41,14 @@ class TrainResult:
 def prepare_data(cfg: TrainConfig) -> Dataset:
     """The checked, split data set: from --split-manifest when given (verified), else split anew."""
     if cfg.split_manifest:
-        return load_manifest(cfg.split_manifest, cfg.data, cfg.class_list)
-    dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict)
-    for line in dataset.report.lines():
-        click.echo(line, err=True)
+        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, required_splits=SPLITS)
+    else:
+        dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict)
+        for line in dataset.report.lines():
+            click.echo(line, err=True)
+    if len(dataset.classes) < 2:
+        raise SmidsError(f"{dataset.root} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
+                         "a classifier needs at least two class folders")
     return dataset
 
 
