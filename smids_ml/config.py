@@ -93,7 +93,16 @@ class TrainConfig:
     num_threads: int = _opt(0, "Torch CPU threads (0: torch's default).", tunable=False)
 
     def validate(self) -> "TrainConfig":
-        """Raise SmidsError on the first bad value, before anything is created."""
+        """Raise SmidsError on the first bad value, before anything is created. Numbers given as text
+        (YAML reads `1e-9` as a string) are converted."""
+        for f in fields(self):
+            kind = {"int": int, "float": float}.get(str(f.type))
+            value = getattr(self, f.name)
+            if kind and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                try:
+                    setattr(self, f.name, kind(value))
+                except (TypeError, ValueError):
+                    raise SmidsError(f"--{f.name.replace('_', '-')} must be a number, got {value!r}") from None
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.patience >= 0, f"--patience must be 0 or more, got {self.patience}"),

@@ -23,6 +23,7 @@ import optuna
 import pandas as pd
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from smids_ml import SmidsError, tracking
@@ -35,6 +36,7 @@ from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, run_training, use_e
 JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
 DEFAULT_TPE_TRIALS = 20
 RUN_ID_ATTR = "mlflow_run_id"
+CHALLENGER = "challenger"  # every study's newly registered best; --alias (champion) moves only when it wins
 PARENT_ATTR = "mlflow_parent_run_id"
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported by `echo_trial`, without tracebacks
@@ -218,8 +220,9 @@ def log_study(study: optuna.Study, monitor: str) -> None:
         mlflow.log_metric(f"best_{monitor}", best.value)
 
 
-def promote_best(study: optuna.Study, search: Search, register_as: str, alias: str | None):
-    """Log the best trial's model on its own child run and register it (once per best trial).
+def promote_best(study: optuna.Study, search: Search, register_as: str, alias: str | None, promote: bool = False):
+    """Log the best trial's model on its own child run and register it as @challenger (once per best
+    trial); move `alias` (@champion) to it only as `champion_decision` says.
 
     With `search.keep` > 1 the model is the ensemble of the best `keep` trials that share the best
     trial's input preprocessing (one model, the mean of their probabilities).
@@ -251,21 +254,49 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
     with mlflow.start_run(run_id=run_id, nested=True):
         info = tracking.log_model(members, search.dataset)
         mlflow.set_tag("smids_ml.model_uri", info.model_uri)
-    metrics = client.get_run(run_id).data.metrics
-    version = tracking.register(info.model_uri, register_as, alias, tags={
+    run = client.get_run(run_id)
+    version = tracking.register(info.model_uri, register_as, CHALLENGER, tags={
         "study": study.study_name, "trial": best.number, "run_id": run_id,
-        "members": ",".join(str(t.number) for t in chosen),
-        **{k: round(v, 6) for k, v in metrics.items() if k.startswith("best_valid_")}})
+        "members": ",".join(str(t.number) for t in chosen), "monitor": search.base.monitor,
+        "data_fingerprint": run.data.params.get("data_fingerprint", ""),
+        **{k: round(v, 6) for k, v in run.data.metrics.items() if k.startswith("best_valid_")}})
     for trial in chosen:
         (search.weights_dir / f"trial-{trial.number}.pt").unlink()
+    if alias:
+        move, why = champion_decision(client, register_as, alias, version, promote)
+        if move:
+            client.set_registered_model_alias(register_as, alias, version.version)
+        click.echo(f"@{alias} {'moves to' if move else 'stays on'} version "
+                   f"{version.version if move else client.get_model_version_by_alias(register_as, alias).version}: {why}",
+                   err=True)
     return version
+
+
+def champion_decision(client: MlflowClient, name: str, alias: str, challenger, promote: bool) -> tuple[bool, str]:
+    """Whether `alias` should move to the challenger, and why: when nothing holds it yet, when the user
+    says --promote, or when the challenger's validation metric beats the champion's on the same data."""
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return True, f"{name} had no @{alias} yet"
+    if promote:
+        return True, "--promote"
+    metric = f"best_{challenger.tags['monitor']}"
+    theirs, ours = champion.tags.get(metric), challenger.tags.get(metric)
+    if champion.tags.get("data_fingerprint") != challenger.tags["data_fingerprint"] or theirs is None or ours is None:
+        return False, (f"version {champion.version} was validated on other data or another metric, so the two "
+                       f"cannot be compared; pass --promote to move @{alias} anyway")
+    better = float(ours) < float(theirs) if metric.endswith("loss") else float(ours) > float(theirs)
+    verdict = "beats" if better else "does not beat"
+    return better, (f"the challenger's {metric} {float(ours):.4f} {verdict} version {champion.version}'s "
+                    f"{float(theirs):.4f} on the same data")
 
 
 def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_trials: int | None = None,
          timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
          storage: str | None = None, register_as: str = "best", alias: str | None = "champion",
          experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3,
-         ensemble_top: int = 1):
+         ensemble_top: int = 1, promote: bool = False):
     """Run (or resume) a study under one parent run; returns (study, registered version or None).
 
     `ensemble_top` > 1 registers the ensemble of the best trials instead of the best one alone."""
@@ -306,7 +337,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         else:
             study.optimize(search.objective, n_trials=n_trials, timeout=timeout, **optimize)
         log_study(study, base.monitor)
-        version = promote_best(study, search, register_as, alias) if register_as else None
+        version = promote_best(study, search, register_as, alias, promote) if register_as else None
     return study, version
 
 
@@ -345,20 +376,25 @@ def _run_exists(run_id: str) -> bool:
 @click.option("--storage", default=None,
               help=f"Optuna storage URL or journal file [default: {JOURNAL} beside a SQLite tracking store].")
 @click.option("--register-as", default="best", show_default=True, help="Registered model name for the best trial.")
-@click.option("--alias", default="champion", show_default=True, help="Alias pointed at the registered version.")
+@click.option("--alias", default="champion", show_default=True,
+              help="Alias of the name's best model. The study's best is registered as @challenger; this alias moves "
+                   "to it when the name has none yet, when it beats the holder's validation metric on the same data, "
+                   "or with --promote.")
+@click.option("--promote", type=click.BOOL, is_flag=False, flag_value=True, default=False, show_default=True,
+              help="Move --alias to this study's best whatever the comparison says.")
 @click.option("--ensemble-top", type=click.IntRange(min=1), default=1, show_default=True,
               help="Register the ensemble of the best K trials (sharing the best's input size and colour mode): "
                    "one model that averages their probabilities.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @config_options()
 def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
-         storage, register_as, alias, ensemble_top, experiment, **options):
+         storage, register_as, alias, promote, ensemble_top, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
     base = config_from_options(options)
     try:
         study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                               storage or None, register_as or None, alias or None, experiment,
-                              pruner_startup_trials, pruner_warmup_epochs, ensemble_top)
+                              pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote)
     except KeyboardInterrupt:
         raise SmidsError("interrupted: the running trial is marked FAIL; run the same command again to resume") from None
     best = _best_trial(study)
@@ -367,7 +403,7 @@ def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, prune
     if best is not None:
         click.echo(f"best trial {best.number}: {base.monitor} {best.value:.4f} with {best.params}")
     if version is not None:
-        click.echo(f"registered models:/{register_as}/{version.version}" + (f" (@{alias})" if alias else ""))
+        click.echo(f"registered models:/{register_as}/{version.version} (@{CHALLENGER})")
 
 
 if __name__ == "__main__":

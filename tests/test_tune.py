@@ -50,7 +50,8 @@ def test_grid_gives_one_child_run_per_point_and_registers_the_best(tracking, syn
     storage = tmp_path / "optuna.journal"
     result = tune(tracking, synth_data, storage, "--space", space, "--epochs", "2", "--study-name", "two",
                   "--register-as", "tuned-two", "--pruner", "none")
-    assert "registered models:/tuned-two/1 (@champion)" in result.output
+    assert "registered models:/tuned-two/1 (@challenger)" in result.output
+    assert "@champion moves to version 1: tuned-two had no @champion yet" in result.output
     parents = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.`optuna.study` = 'two'")
     parent = parents[parents["tags.mlflow.parentRunId"].isna()].iloc[0]
     kids = children(parent["run_id"])
@@ -195,3 +196,23 @@ def test_ensemble_top_registers_the_best_trials_as_one_model(tracking, synth_dat
     model = load_classifier("models:/tuned-top@champion")
     assert [cfg.lr for cfg in model.members] == [ranked[0].params["lr"], ranked[1].params["lr"]]
     assert not list((tmp_path.parent / "cache").glob("trials/top/*.pt"))
+
+
+def test_champion_moves_only_to_a_better_challenger_or_on_promote(tracking, tmp_path):
+    colours = make_colour_dataset(tmp_path / "colours")
+    storage = tmp_path / "optuna.journal"
+
+    def study(name, lr, *extra):
+        space = space_file(tmp_path, name, f"fixed: {{model: improved_cnn}}\nparams:\n  lr: [{lr}]\n")
+        return tune(tracking, colours, storage, "--space", space, "--epochs", "3", "--study-name", name,
+                    "--register-as", "duel", "--pruner", "none", *extra).output
+
+    assert "@champion moves to version 1: duel had no @champion yet" in study("good", 0.003)
+    out = study("hopeless", 1e-9)
+    assert "registered models:/duel/2 (@challenger)" in out
+    assert "@champion stays on version 1: the challenger's best_valid_f1" in out and "does not beat" in out
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("duel", "champion").version == "1"
+    assert client.get_model_version_by_alias("duel", "challenger").version == "2"
+    assert "@champion moves to version 3: --promote" in study("forced", 1e-9, "--promote")
+    assert client.get_model_version_by_alias("duel", "champion").version == "3"
