@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import click
-import mlflow
 import numpy as np
 from mlflow import MlflowClient
 

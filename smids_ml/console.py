@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Iterable, TypeVar
@@ -40,3 +42,26 @@ def steps(label: str, length: int):
             yield bar
     else:
         yield _Lines(label)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stops_cleanly(what: str):
+    """Decorate a command so Ctrl-C and SIGTERM (kill, a scheduler stopping a job) end it the same way:
+    the open MLflow runs end FAILED (their context managers see the exception), then one line and exit 1.
+    `what` says what was left behind, after "interrupted: "."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                from smids_ml import SmidsError
+                raise SmidsError(f"interrupted: {what}") from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        return wrapper
+    return decorate

@@ -22,6 +22,7 @@ import pandas as pd
 
 from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.console import stops_cleanly
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches, stratified_groups
 from smids_ml.engine import predict_proba, resolve_device, resolve_precision
 from smids_ml.evaluate import HEADLINE, log_evaluation
@@ -84,7 +85,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     dataset = dataset or prepare_data(cfg)
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
     use_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as parent:
+    with mlflow.start_run(run_name=run_name, tags=tracking.process_tags()) as parent:
         tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
                            "folds": folds, "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
         tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")
@@ -129,6 +130,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
 @click.option("--register-as", default=None,
               help="Log the K fold models as one ensemble model (mean of probabilities) and register it under this name.")
 @click.option("--alias", default=None, help="Alias to point at the registered ensemble (e.g. champion).")
+@stops_cleanly("the cross-validation run and its running fold are marked FAILED")
 def main(folds, experiment, run_name, register_as, alias, **options):
     """Stratified k-fold cross-validation: train and test one model per fold, report mean ± std."""
     cfg = config_from_options(options)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import json
+import os
+import socket
 import subprocess
 import tempfile
 import warnings
@@ -67,12 +69,33 @@ def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> 
     for label in dataset.classes:
         params[f"count_{label}"] = int(counts.loc[label].sum()) if label in counts.index else 0
     log_new_params(params)
-    tags = {f"version.{k}": v for k, v in library_versions().items()}
+    tags = {f"version.{k}": v for k, v in library_versions().items()} | process_tags()
     tags["version.smids_ml"] = smids_ml.__version__
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
+
+
+HOST_TAG, PID_TAG = "smids_ml.host", "smids_ml.pid"
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: `smids-ml runs --fix-stale` and `tune` fail runs whose process is gone."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def process_is_gone(host: str | None, pid: str | None) -> bool:
+    """True only when the owner ran on this machine and no such process exists any more."""
+    if host != socket.gethostname() or not (pid or "").isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def log_new_params(params: dict) -> None:

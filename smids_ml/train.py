@@ -20,7 +20,7 @@ import torch
 from smids_ml import SmidsError
 from smids_ml import plots, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
-from smids_ml.console import steps
+from smids_ml.console import steps, stops_cleanly
 from smids_ml.data import SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build, count_parameters
@@ -123,6 +123,7 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
 @click.option("--run-name", default=None, help="MLflow run name.")
 @click.option("--register-as", default=None, help="Register the model under this name in the model registry.")
 @click.option("--alias", default=None, help="Alias to point at the registered version (e.g. champion).")
+@stops_cleanly("the run is marked FAILED")
 def main(experiment, run_name, register_as, alias, **options):
     """Train one model on a folder of class folders and log everything to MLflow."""
     cfg = config_from_options(options)

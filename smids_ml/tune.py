@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.console import stops_cleanly
 from smids_ml.data import Dataset, default_cache_dir
 from smids_ml.models import build
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, suggest
@@ -95,6 +96,8 @@ class Search:
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.base.replace(**suggest(trial, self.space)).validate()
         tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+        for key, value in tracking.process_tags().items():
+            trial.set_user_attr(key, value)
         with mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True, tags=tags) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
 
@@ -159,6 +162,25 @@ def check_same_space(study: optuna.Study, space: dict) -> None:
                     and list(distribution.choices) != spec:
                 raise SmidsError(f"study {study.study_name} searched {name} over {list(distribution.choices)}, "
                                  f"not {spec}; use a new --study-name for a different search space")
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Mark FAIL the RUNNING trials whose worker on this machine is gone (kill -9), and their runs FAILED,
+    so `retry_failed` runs their points again. Optuna's heartbeat does this for PostgreSQL across
+    machines; this check also covers the default journal file."""
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if tracking.process_is_gone(attrs.get(tracking.HOST_TAG), attrs.get(tracking.PID_TAG)):
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            if attrs.get(RUN_ID_ATTR) and _run_exists(attrs[RUN_ID_ATTR]):
+                client = MlflowClient()
+                client.set_tag(attrs[RUN_ID_ATTR], "optuna.state", "FAIL")
+                client.set_terminated(attrs[RUN_ID_ATTR], "FAILED")
+            failed += 1
+    if failed:
+        click.echo(f"study {study.study_name}: {failed} trial(s) of a worker that is gone marked FAIL", err=True)
+    return failed
 
 
 def retry_failed(study: optuna.Study) -> int:
@@ -324,12 +346,13 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     parent = study.user_attrs.get(PARENT_ATTR)
     resume = parent if parent and not os.environ.get("MLFLOW_RUN_ID") and _run_exists(parent) else None
     with mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
-                          tags={"optuna.study": study_name, "optuna.sampler": sampler}) as run:
+                          tags={"optuna.study": study_name, "optuna.sampler": sampler, **tracking.process_tags()}) as run:
         study.set_user_attr(PARENT_ATTR, run.info.run_id)
         if not resume:
             tracking.log_new_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
                                "storage": storage, **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
         optimize = dict(callbacks=[search.keep_best_weights, echo_trial], gc_after_trial=True)
+        fail_stale_trials(study)
         for _ in range(retry_failed(study)):
             study.optimize(search.objective, n_trials=1, **optimize)
         if sampler == "grid" and _grid_done(study, space):
@@ -387,16 +410,14 @@ def _run_exists(run_id: str) -> bool:
                    "one model that averages their probabilities.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @config_options()
+@stops_cleanly("the running trial is marked FAIL and its run FAILED; run the same command again to resume")
 def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
          storage, register_as, alias, promote, ensemble_top, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
     base = config_from_options(options)
-    try:
-        study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
-                              storage or None, register_as or None, alias or None, experiment,
-                              pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote)
-    except KeyboardInterrupt:
-        raise SmidsError("interrupted: the running trial is marked FAIL; run the same command again to resume") from None
+    study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
+                          storage or None, register_as or None, alias or None, experiment,
+                          pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote)
     best = _best_trial(study)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     click.echo(f"study {study.study_name}: {len(study.trials)} trials {states}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -163,3 +165,41 @@ def test_bf16_precision_trains_on_the_cpu_and_auto_picks_by_device(tracking, syn
     assert resolve_precision("auto", torch.device("cpu"), "improved_cnn") == "fp32"
     assert resolve_precision("auto", torch.device("cuda"), "smids_resnet") == "bf16"
     assert resolve_precision("fp32", torch.device("cuda"), "resnet18") == "fp32"
+
+
+def start_training(tracking, synth_data) -> tuple[subprocess.Popen, str]:
+    """A long training in a subprocess, once its run has logged an epoch; (process, run id)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "epochs": 500}.items()]
+    process = subprocess.Popen([sys.executable, "-m", "smids_ml.train", "--data", str(synth_data), "--experiment",
+                                tracking, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+        if runs and runs[0].data.metrics.get("valid_f1") is not None:
+            return process, runs[0].info.run_id
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.3)
+    process.kill()
+    raise AssertionError("the training logged no epoch within 120 s")
+
+
+def test_sigterm_ends_a_training_like_ctrl_c(tracking, synth_data):
+    process, run_id = start_training(tracking, synth_data)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "Error: interrupted: the run is marked FAILED" in err
+    assert "Traceback" not in err
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+def test_runs_fix_stale_fails_a_killed_trainings_run(tracking, synth_data):
+    process, run_id = start_training(tracking, synth_data)
+    process.kill()
+    process.communicate(timeout=30)
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    listed = invoke(["runs"])
+    assert run_id in listed.output and "--fix-stale" in listed.output
+    fixed = invoke(["runs", "--fix-stale"])
+    assert fixed.exit_code == 0 and "stale run(s) FAILED" in fixed.output, fixed.output
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    assert invoke(["runs", "--fix-stale"]).output.count(run_id) == 0  # nothing RUNNING of ours is left
