@@ -48,19 +48,19 @@ class Sample:
 def expand(inputs: Iterable[str]) -> list[tuple[str, str | None]]:
     """Each INPUT → (file, None) per file to read, or (input, reason) when it names nothing usable.
 
-    A literal path wins over a glob reading, so file names with brackets still work. Folders yield
-    their images only; globs also yield videos, since the user spelled out what to match.
+    A literal path wins over a glob reading, so file names with brackets still work. Folders and
+    globs yield the same kinds of file: images and videos.
     """
+    wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
     out: list[tuple[str, str | None]] = []
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            out += [(str(p), None) for p in files] or [(text, "folder holds no image files")]
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+            out += [(str(p), None) for p in files] or [(text, "folder holds no image or video files")]
         elif path.exists():
             out.append((text, None))
         elif any(ch in text for ch in "*?["):
-            wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
             files = sorted(p for p in glob.glob(text, recursive=True)
                            if Path(p).is_file() and Path(p).suffix.lower() in wanted)
             out += [(p, None) for p in files] or [(text, "no image or video file matches this pattern")]

@@ -168,3 +168,14 @@ def test_unknown_output_extension_is_refused_before_any_work(crops, tmp_path):
     error = assert_one_line_error(result, "out.txt: unknown format; use a .csv or .json file name")
     assert "never-loaded" not in error
     assert not (tmp_path / "out.txt").exists()
+
+
+def test_a_video_in_a_folder_is_predicted_as_when_named(model_uri, video, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "clip.mp4").write_bytes(video.read_bytes())
+    by_folder, by_path = tmp_path / "folder.csv", tmp_path / "path.csv"
+    assert run(model_uri, folder, "--every", 2, "--output", by_folder).exit_code == 0
+    assert run(model_uri, folder / "clip.mp4", "--every", 2, "--output", by_path).exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_csv(by_folder), pd.read_csv(by_path))
+    assert list(pd.read_csv(by_folder)["frame"]) == [0, 2, 4]
