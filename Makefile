@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test bench bench-accuracy clean
+.PHONY: setup system demo test bench bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# nginx runs in the tests of deploy/nginx.conf (the reverse proxy in front of mlflow models serve)
+system:
+	@test -x /usr/sbin/nginx || command -v nginx >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } || \
+		{ echo "nginx is needed by the tests: install nginx-light (Debian) or nginx"; exit 1; }
+
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+test: setup system
 	$(BIN)/python -m pytest -q
 
 bench: setup

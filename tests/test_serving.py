@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -21,7 +23,7 @@ from PIL import Image
 from smids_ml.data import MAX_PIXELS, SMIDS_CLASSES
 from smids_ml.predict import main as predict
 from smids_ml.serving import MAX_IMAGE_BYTES, MAX_REQUEST_IMAGES
-from tests.conftest import BIN, free_port, stop, wait_for_http
+from tests.conftest import BIN, ROOT, free_port, stop, wait_for_http
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +125,55 @@ def test_bad_payload_is_a_400_naming_the_problem_and_the_server_keeps_serving(se
     assert problem in answer["message"]
     status, answer = post(server, payload("inputs", images[0][:1]))
     assert status == 200 and len(answer["predictions"]) == 1
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@pytest.fixture(scope="module")
+def proxy(server, tmp_path_factory):
+    """deploy/nginx.conf in front of the scoring server, its two addresses moved to loopback test ports."""
+    prefix = tmp_path_factory.mktemp("proxy")
+    (prefix / "tmp").mkdir()
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "server 127.0.0.1:5001;" in conf and "listen 127.0.0.1:8080;" in conf
+    conf = conf.replace("server 127.0.0.1:5001;", f"server {server.removeprefix('http://')};")
+    (prefix / "nginx.conf").write_text(conf.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};"))
+    process = subprocess.Popen([NGINX, "-p", str(prefix), "-c", "nginx.conf", "-g",
+                                f"daemon off; pid {prefix}/nginx.pid; error_log {prefix}/error.log;"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/ping", process, timeout=30)
+        yield url
+    finally:
+        stop(process)
+
+
+def raw_post_status(url: str, body: bytes) -> int:
+    """POST a body to /invocations and return the status, even when the server answers before reading it all."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.putrequest("POST", "/invocations")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders()
+    try:
+        connection.send(body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_the_proxy_refuses_an_oversize_body_and_passes_good_requests(proxy, images):
+    encoded, expected = images
+    status, answer = post(proxy, payload("inputs", encoded))
+    assert status == 200, answer
+    np.testing.assert_allclose(pd.DataFrame(answer["predictions"])[list(SMIDS_CLASSES)],
+                               expected[list(SMIDS_CLASSES)], atol=1e-5)
+    oversize = b'{"inputs": {"image": ["' + b"A" * (33 * 1024 * 1024) + b'"]}}'
+    assert raw_post_status(proxy, oversize) == 413
+    assert post(proxy, payload("inputs", encoded[:1]))[0] == 200  # and it keeps serving
