@@ -12,9 +12,9 @@ COMMANDS = {
     "explore": ("smids_ml.explore", "main", "Summarise a data root and log the report to MLflow."),
     "train": ("smids_ml.train", "main", "Train one model and log it to MLflow."),
     "tune": ("smids_ml.tune", "main", "Search hyperparameters with Optuna; register the best model."),
-    "evaluate": ("smids_ml.evaluate", "main", "Evaluate a logged model on its training run's test split."),
+    "evaluate": ("smids_ml.evaluate", "main", "Evaluate a logged model on its test split or any labelled folder."),
     "compare": ("smids_ml.evaluate", "compare", "Tabulate the latest test metrics of several models."),
-    "cv": ("smids_ml.cv", "main", "Stratified k-fold cross-validation under one parent run."),
+    "cv": ("smids_ml.cv", "main", "Stratified k-fold cross-validation; optionally register the k-fold ensemble."),
     "predict": ("smids_ml.predict", "main", "Classify images, folders, globs and videos with a logged model."),
     "runs": ("smids_ml.runs", "main", "List RUNNING runs; --fix-stale fails those whose process is gone."),
 }

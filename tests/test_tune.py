@@ -112,8 +112,17 @@ def test_pruning_stops_a_hopeless_trial_and_keeps_its_metrics(tracking, tmp_path
     assert len(load(storage, "prune").trials) == 2
 
 
+def two_point_study(tracking, synth_data, tmp_path, name: str) -> tuple[list[str], object]:
+    """(the `python -m smids_ml.tune` command of a 2-point grid study in a journal file, that file)."""
+    space = space_file(tmp_path, name, "params:\n  lr: [0.001, 0.002]\n")
+    storage = tmp_path / "optuna.journal"
+    return [sys.executable, "-m", "smids_ml.tune", "--data", str(synth_data), "--experiment", tracking,
+            "--storage", str(storage), "--sampler", "grid", "--space", space, "--study-name", name,
+            "--register-as", "", "--pruner", "none", *FLAGS], storage
+
+
 def start_and_wait_for_a_training_trial(command: list[str], storage, name: str) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=storage.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until a trial has really started training
         try:
@@ -130,11 +139,7 @@ def start_and_wait_for_a_training_trial(command: list[str], storage, name: str) 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_trial_is_marked_failed_and_the_resumed_study_completes(signum, tracking, synth_data, tmp_path):
-    space = space_file(tmp_path, "pair", "params:\n  lr: [0.001, 0.002]\n")
-    storage = tmp_path / "optuna.journal"
-    command = [sys.executable, "-m", "smids_ml.tune", "--data", str(synth_data), "--experiment", tracking,
-               "--storage", str(storage), "--sampler", "grid", "--space", space, "--study-name", "pair",
-               "--register-as", "", "--pruner", "none", *FLAGS]
+    command, storage = two_point_study(tracking, synth_data, tmp_path, "pair")
     process = start_and_wait_for_a_training_trial([*command, "--epochs", "200"], storage, "pair")
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
@@ -226,18 +231,14 @@ def test_champion_moves_only_to_a_better_challenger_or_on_promote(tracking, tmp_
 
 def test_a_killed_workers_trial_is_failed_and_rerun_by_the_next_tune(tracking, synth_data, tmp_path):
     """kill -9 leaves the trial RUNNING in the journal and its run RUNNING in MLflow; the next tune fixes both."""
-    space = space_file(tmp_path, "killed", "params:\n  lr: [0.001, 0.002]\n")
-    storage = tmp_path / "optuna.journal"
-    command = [sys.executable, "-m", "smids_ml.tune", "--data", str(synth_data), "--experiment", tracking,
-               "--storage", str(storage), "--sampler", "grid", "--space", space, "--study-name", "killed",
-               "--register-as", "", "--pruner", "none", *FLAGS]
+    command, storage = two_point_study(tracking, synth_data, tmp_path, "killed")
     process = start_and_wait_for_a_training_trial([*command, "--epochs", "200"], storage, "killed")
     process.kill()
     process.communicate(timeout=30)
     [stale] = load(storage, "killed").get_trials(states=(TrialState.RUNNING,))
     run_id = stale.user_attrs["mlflow_run_id"]
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"
-    resumed = subprocess.run([*command, "--epochs", "1"], capture_output=True, text=True)
+    resumed = subprocess.run([*command, "--epochs", "1"], cwd=tmp_path, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "1 trial(s) of a worker that is gone marked FAIL" in resumed.stderr
     study = load(storage, "killed")
