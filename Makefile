@@ -1,5 +1,6 @@
 # make demo  — set up and run the demo job on synthetic data (local SQLite tracking store)
 # make test  — set up and run the test suite (what .ci/run calls)
+# make server — a tracking server on 127.0.0.1:5000 (ARGS='--backend-store-uri postgresql://…' for a team)
 # make bench — run the speed benchmarks (prints tables)
 # make bench-accuracy — cross-validated accuracy on real crops (../shared/data/smids-dev by default; hours on a CPU)
 
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system demo test bench bench-accuracy clean
+.PHONY: setup system demo test bench bench-accuracy server clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ test: setup system
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+server: setup
+	$(BIN)/smids-ml server $(ARGS)
 
 bench-accuracy: setup
 	$(BIN)/python -m benchmarks.bench_accuracy $(ARGS)
