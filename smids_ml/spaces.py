@@ -91,7 +91,7 @@ def load_space(name_or_file: str | dict) -> dict:
 
 
 def grid_of(space: dict) -> dict[str, list]:
-    """The GridSampler search space; every param must be a list."""
+    """The grid: every param must be a list of values."""
     ranges = [name for name, spec in space["params"].items() if not isinstance(spec, list)]
     if ranges:
         raise SmidsError(f"--sampler grid needs a list of values for {', '.join(ranges)} (they are ranges); "

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -96,6 +97,21 @@ def process_is_gone(host: str | None, pid: str | None) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+def check_server(timeout: float = 10.0) -> None:
+    """One line naming the URL when the tracking store is a server that does not answer /health."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise SmidsError(f"cannot reach the tracking server {uri}: {reason}")
 
 
 def log_new_params(params: dict) -> None:

@@ -53,7 +53,9 @@ def prepare_data(cfg: TrainConfig) -> Dataset:
 
 
 def use_experiment(name: str | None) -> None:
-    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment)."""
+    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment).
+    A tracking server that does not answer is one line naming it (MLflow would retry for minutes)."""
+    tracking.check_server()
     if name and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(name)
 

@@ -10,9 +10,14 @@ trial that failed or was interrupted is run again.
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
 import itertools
 import json
-import os
+import tempfile
+import time
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +34,7 @@ from optuna.trial import TrialState
 from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stops_cleanly
-from smids_ml.data import Dataset, default_cache_dir
+from smids_ml.data import Dataset
 from smids_ml.models import build
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, suggest
 from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, run_training, use_experiment
@@ -39,6 +44,9 @@ DEFAULT_TPE_TRIALS = 20
 RUN_ID_ATTR = "mlflow_run_id"
 CHALLENGER = "challenger"  # every study's newly registered best; --alias (champion) moves only when it wins
 PARENT_ATTR = "mlflow_parent_run_id"
+HEARTBEAT_SECONDS = 30
+MAX_FAILURES = 2  # a grid point that failed twice is not tried again (a failure is retried once)
+WEIGHTS = "weights/weights.pt"  # a top trial's weights, in its run's artifacts: any worker can promote it
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported by `echo_trial`, without tracebacks
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -52,13 +60,14 @@ def default_storage() -> str:
     return JOURNAL
 
 
-def open_storage(url: str):
-    """Any Optuna storage URL (sqlite://, postgresql://, mysql://), or a journal file path."""
+def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS):
+    """Any Optuna storage URL (sqlite://, postgresql://, mysql://), or a journal file path.
+
+    Database storages beat every `heartbeat` seconds: a worker that dies (kill -9, lost machine) has its
+    trial failed after three missed beats, and the next point choice (`next_grid_point`) runs it again."""
     if "://" in url:
         try:
-            # heartbeats: a worker that dies (kill -9, lost machine) has its trial failed and queued again
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90,
-                                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
         except Exception as exc:  # SQLAlchemy and driver errors vary by backend
             raise SmidsError(f"cannot open Optuna storage {url}: {str(exc).splitlines()[0]}") from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -67,9 +76,47 @@ def open_storage(url: str):
     return JournalStorage(JournalFileBackend(url))
 
 
+@contextmanager
+def study_lock(url: str, study_name: str):
+    """One worker at a time, across processes (and machines, for PostgreSQL): the study's parent run,
+    the choice of the next grid point and promotion happen under it.
+
+    PostgreSQL: an advisory lock; a journal or SQLite file: an exclusive lock on a file beside it."""
+    if url.startswith("postgresql"):
+        import psycopg
+
+        key = int.from_bytes(hashlib.blake2b(study_name.encode(), digest_size=8).digest(), "big", signed=True)
+        conninfo = url.replace("postgresql+psycopg://", "postgresql://").replace("postgresql+psycopg2://", "postgresql://")
+        try:
+            connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise SmidsError(f"cannot reach Optuna storage {url}: {' '.join(str(exc).split())}") from None
+        with connection:
+            connection.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield
+            finally:
+                connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        return
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None if "://" in url else url
+    if path is None:  # another database: its own transactions are all there is
+        yield
+        return
+    with open(f"{path}.smids-lock", "a") as handle:  # not `.lock`: Optuna's journal lock takes that name
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def make_sampler(name: str, space: dict, seed: int):
+    """The study's sampler. A grid's points are queued one by one by `run_grid` (Optuna's trial queue
+    hands each to exactly one worker, which GridSampler cannot promise to several workers), so its
+    sampler never draws a value."""
     if name == "grid":
-        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
+        grid_of(space)
+        return optuna.samplers.RandomSampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -85,13 +132,12 @@ def make_pruner(name: str, startup_trials: int, warmup_epochs: int, max_epochs: 
 
 @dataclass
 class Search:
-    """What every trial shares: the base config, the space, the data and where weights wait."""
+    """What every trial shares: the base config, the space and the data."""
 
     base: TrainConfig
     space: dict
     dataset: Dataset
-    weights_dir: Path
-    keep: int = 1  # trials whose weights are kept: the best `keep` (the top-k ensemble)
+    keep: int = 1  # the best `keep` trials' weights go to the artifact store (the top-k ensemble)
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.base.replace(**suggest(trial, self.space)).validate()
@@ -116,21 +162,27 @@ class Search:
                 raise
             else:
                 pruned = False
+                value = result.history.best[cfg.monitor]
+                if self.among_best(trial.study, value):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = Path(tmp) / Path(WEIGHTS).name
+                        torch.save(result.network.state_dict(), path)
+                        mlflow.log_artifact(str(path), str(Path(WEIGHTS).parent))
                 mlflow.set_tag("optuna.state", "COMPLETE")
-                torch.save(result.network.state_dict(), self.weights_dir / f"trial-{trial.number}.pt")
         if pruned:
             raise optuna.TrialPruned()
-        return result.history.best[cfg.monitor]
+        return value
+
+    def among_best(self, study: optuna.Study, value: float) -> bool:
+        """Whether a trial scoring `value` is among the best `keep` completed so far (its weights are kept)."""
+        ranked = ranked_trials(study)
+        if len(ranked) < self.keep:
+            return True
+        last = ranked[self.keep - 1].value
+        return value <= last if study.direction == optuna.study.StudyDirection.MINIMIZE else value >= last
 
     def config_of(self, trial: optuna.trial.FrozenTrial) -> TrainConfig:
         return self.base.replace(**{**self.space["fixed"], **trial.params}).validate()
-
-    def keep_best_weights(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Callback: delete every trial's weights file but the best `keep` ones'."""
-        kept = {f"trial-{t.number}.pt" for t in ranked_trials(study)[:self.keep]}
-        for file in self.weights_dir.glob("trial-*.pt"):
-            if file.name not in kept:
-                file.unlink(missing_ok=True)
 
 
 def echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -165,36 +217,77 @@ def check_same_space(study: optuna.Study, space: dict) -> None:
 
 
 def fail_stale_trials(study: optuna.Study) -> int:
-    """Mark FAIL the RUNNING trials whose worker on this machine is gone (kill -9), and their runs FAILED,
-    so `retry_failed` runs their points again. Optuna's heartbeat does this for PostgreSQL across
-    machines; this check also covers the default journal file."""
+    """Mark FAIL the RUNNING trials whose worker is gone, and end their runs FAILED, so their points run
+    again. Gone: on this machine, no such process (kill -9; any storage, the journal file included);
+    on a database storage, also three missed heartbeats (Optuna's own check, any machine)."""
+    with warnings.catch_warnings():  # a no-op for storages without heartbeats
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     failed = 0
+    client = MlflowClient()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
         if tracking.process_is_gone(attrs.get(tracking.HOST_TAG), attrs.get(tracking.PID_TAG)):
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            if attrs.get(RUN_ID_ATTR) and _run_exists(attrs[RUN_ID_ATTR]):
-                client = MlflowClient()
-                client.set_tag(attrs[RUN_ID_ATTR], "optuna.state", "FAIL")
-                client.set_terminated(attrs[RUN_ID_ATTR], "FAILED")
             failed += 1
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id and _run_exists(run_id) and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_terminated(run_id, "FAILED")
     if failed:
         click.echo(f"study {study.study_name}: {failed} trial(s) of a worker that is gone marked FAIL", err=True)
     return failed
 
 
-def retry_failed(study: optuna.Study) -> int:
-    """Queue again each failed point that never completed (Ctrl-C, crash), so resume covers the whole grid.
+def next_grid_point(study: optuna.Study, space: dict) -> tuple[dict | None, bool]:
+    """(the params of a grid point nobody has run, is running or has queued, or None; whether any point
+    is still running or queued). A point that failed once is run again; twice, it is left."""
+    grid = grid_of(space)
+    names = list(grid)
+    status: dict[tuple, list] = {values: [] for values in itertools.product(*grid.values())}
+    for trial in study.get_trials(deepcopy=False):
+        key = tuple(trial.params.get(n, trial.system_attrs.get("fixed_params", {}).get(n)) for n in names)
+        if key in status:
+            status[key].append(trial.state)
+    busy = any(state in (TrialState.RUNNING, TrialState.WAITING) for states in status.values() for state in states)
+    for values, states in status.items():
+        if not any(state != TrialState.FAIL for state in states) and len(states) < MAX_FAILURES:
+            return dict(zip(names, values)), busy
+    return None, busy
 
-    Optuna's own retry callback copies the trial with its grid id, which GridSampler needs.
-    """
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
+
+def run_grid(study: optuna.Study, search: Search, lock, poll: float, n_trials: int | None = None,
+             timeout: float | None = None) -> int:
+    """Run grid points until none is left, with any number of workers on the same study: under the lock a
+    worker queues one untaken point, then runs one queued trial, so each point runs exactly once (a
+    failed one twice). A worker waits while others still run points (a dead one's point comes back).
+    Stops after `n_trials` trials or `timeout` seconds of this worker, if given; returns how many it ran."""
+    ran, deadline = 0, time.monotonic() + timeout if timeout else float("inf")
+    while (n_trials is None or ran < n_trials) and time.monotonic() < deadline:
+        with lock():
+            fail_stale_trials(study)
+            point, busy = next_grid_point(study, search.space)
+            if point is not None:
+                study.enqueue_trial(point, skip_if_exists=False)
+        if point is None:
+            if not busy:
+                return ran
+            time.sleep(poll)
+            continue
+        study.optimize(search.objective, n_trials=1, callbacks=[echo_trial], gc_after_trial=True)
+        ran += 1
+    return ran
+
+
+def retry_failed(study: optuna.Study) -> int:
+    """Queue again each failed trial whose params never completed (TPE, random), so resume covers them."""
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
     covered = [t.params for t in study.get_trials(deepcopy=False, states=finished)]
     queued = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.params and trial.params not in covered:
-            retry(study, trial)
+            study.enqueue_trial(trial.params, skip_if_exists=False)
             covered.append(trial.params)
             queued += 1
     return queued
@@ -259,20 +352,27 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
         click.echo(f"best trial {best.number} is already registered", err=True)
         return None
     shape = lambda cfg: tuple(getattr(cfg, f) for f in tracking.INPUT_FIELDS)  # noqa: E731
-    chosen = [t for t in ranked_trials(study) if shape(search.config_of(t)) == shape(search.config_of(best))]
-    chosen = [t for t in chosen if (search.weights_dir / f"trial-{t.number}.pt").is_file()][:search.keep]
+    members, chosen = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for trial in ranked_trials(study):
+            cfg = search.config_of(trial)
+            if len(chosen) == search.keep or shape(cfg) != shape(search.config_of(best)):
+                continue
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=trial.user_attrs[RUN_ID_ATTR], artifact_path=WEIGHTS,
+                                                           dst_path=f"{tmp}/{trial.number}")
+            except (MlflowException, OSError):  # a trial that was never among the best kept no weights
+                continue
+            network = build(cfg.model, len(search.dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+            network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            members.append((network, cfg))
+            chosen.append(trial)
     if best not in chosen:
-        raise SmidsError(f"weights of best trial {best.number} are gone ({search.weights_dir}); "
+        raise SmidsError(f"the weights of best trial {best.number} are not in its run's artifacts ({WEIGHTS}); "
                          "rerun that trial to register it")
     if len(chosen) < search.keep:
         click.echo(f"ensemble of {len(chosen)} trials, not {search.keep}: only these completed with the best "
-                   "trial's input size and colour mode", err=True)
-    members = []
-    for trial in chosen:
-        cfg = search.config_of(trial)
-        network = build(cfg.model, len(search.dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
-        network.load_state_dict(torch.load(search.weights_dir / f"trial-{trial.number}.pt", weights_only=True))
-        members.append((network, cfg))
+                   "trial's input size and colour mode and kept their weights", err=True)
     with mlflow.start_run(run_id=run_id, nested=True):
         info = tracking.log_model(members, search.dataset)
         mlflow.set_tag("smids_ml.model_uri", info.model_uri)
@@ -282,8 +382,6 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
         "members": ",".join(str(t.number) for t in chosen), "monitor": search.base.monitor,
         "data_fingerprint": run.data.params.get("data_fingerprint", ""),
         **{k: round(v, 6) for k, v in run.data.metrics.items() if k.startswith("best_valid_")}})
-    for trial in chosen:
-        (search.weights_dir / f"trial-{trial.number}.pt").unlink()
     if alias:
         move, why = champion_decision(client, register_as, alias, version, promote)
         if move:
@@ -318,8 +416,9 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
          timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
          storage: str | None = None, register_as: str = "best", alias: str | None = "champion",
          experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3,
-         ensemble_top: int = 1, promote: bool = False):
-    """Run (or resume) a study under one parent run; returns (study, registered version or None).
+         ensemble_top: int = 1, promote: bool = False, heartbeat: int = HEARTBEAT_SECONDS):
+    """Run (or resume) a study under one parent run, as one of any number of workers on the same study
+    (same --storage and --study-name); returns (study, registered version or None).
 
     `ensemble_top` > 1 registers the ensemble of the best trials instead of the best one alone."""
     space = load_space(space_name)
@@ -332,48 +431,43 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         grid_of(space)
     elif n_trials is None and timeout is None:
         n_trials = DEFAULT_TPE_TRIALS
-    study = optuna.create_study(
-        study_name=study_name, storage=open_storage(storage), load_if_exists=True,
-        direction="minimize" if base.monitor == "valid_loss" else "maximize",
-        sampler=make_sampler(sampler, space, base.seed),
-        pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs))
-    check_same_space(study, space)
+    lock = functools.partial(study_lock, storage, study_name)
     dataset = prepare_data(base)
-    weights_dir = default_cache_dir() / "trials" / study_name
-    weights_dir.mkdir(parents=True, exist_ok=True)
-    search = Search(base, space, dataset, weights_dir, keep=ensemble_top)
+    search = Search(base, space, dataset, keep=ensemble_top)
     use_experiment(experiment)
-    parent = study.user_attrs.get(PARENT_ATTR)
-    resume = parent if parent and not os.environ.get("MLFLOW_RUN_ID") and _run_exists(parent) else None
-    with mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
-                          tags={"optuna.study": study_name, "optuna.sampler": sampler, **tracking.process_tags()}) as run:
-        study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    with lock():  # one study, one parent run: the first worker creates them, the others attach
+        study = optuna.create_study(
+            study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
+            direction="minimize" if base.monitor == "valid_loss" else "maximize",
+            sampler=make_sampler(sampler, space, base.seed),
+            pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs))
+        check_same_space(study, space)
+        parent = study.user_attrs.get(PARENT_ATTR)
+        resume = parent if parent and _run_exists(parent) else None
+        active = mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
+                                  tags={"optuna.study": study_name, "optuna.sampler": sampler})
         if not resume:
+            study.set_user_attr(PARENT_ATTR, active.info.run_id)
             tracking.log_new_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
-                               "storage": storage, **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
-        optimize = dict(callbacks=[search.keep_best_weights, echo_trial], gc_after_trial=True)
-        fail_stale_trials(study)
-        for _ in range(retry_failed(study)):
-            study.optimize(search.objective, n_trials=1, **optimize)
-        if sampler == "grid" and _grid_done(study, space):
-            click.echo(f"study {study_name}: all {grid_size(space)} grid points already ran", err=True)
+                                     "storage": storage,
+                                     **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
+    with active:
+        mlflow.set_tags(tracking.process_tags())
+        if sampler == "grid":
+            if run_grid(study, search, lock, min(2.0, heartbeat), n_trials, timeout) == 0:
+                click.echo(f"study {study_name}: all {grid_size(space)} grid points already ran", err=True)
         else:
-            study.optimize(search.objective, n_trials=n_trials, timeout=timeout, **optimize)
-        log_study(study, base.monitor)
-        version = promote_best(study, search, register_as, alias, promote) if register_as else None
+            with lock():
+                fail_stale_trials(study)
+                queued = retry_failed(study)
+            callbacks = [echo_trial]
+            for _ in range(queued):
+                study.optimize(search.objective, n_trials=1, callbacks=callbacks, gc_after_trial=True)
+            study.optimize(search.objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, gc_after_trial=True)
+        with lock():
+            log_study(study, base.monitor)
+            version = promote_best(study, search, register_as, alias, promote) if register_as else None
     return study, version
-
-
-def _grid_done(study: optuna.Study, space: dict) -> bool:
-    """Whether every point of this grid already completed or was pruned in the study.
-
-    Not GridSampler.is_exhausted: that counts failed points as visited, and resume reruns them.
-    """
-    grid = grid_of(space)
-    points = {tuple(zip(grid, values)) for values in itertools.product(*grid.values())}
-    finished = {tuple((name, t.params.get(name)) for name in grid) for t in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
-    return points <= finished
 
 
 def _run_exists(run_id: str) -> bool:
@@ -405,6 +499,9 @@ def _run_exists(run_id: str) -> bool:
                    "or with --promote.")
 @click.option("--promote", type=click.BOOL, is_flag=False, flag_value=True, default=False, show_default=True,
               help="Move --alias to this study's best whatever the comparison says.")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=HEARTBEAT_SECONDS, show_default=True,
+              help="Seconds between a worker's heartbeats on a database storage; a trial whose worker misses three "
+                   "is failed and run again by another worker.")
 @click.option("--ensemble-top", type=click.IntRange(min=1), default=1, show_default=True,
               help="Register the ensemble of the best K trials (sharing the best's input size and colour mode): "
                    "one model that averages their probabilities.")
@@ -412,12 +509,12 @@ def _run_exists(run_id: str) -> bool:
 @config_options()
 @stops_cleanly("the running trial is marked FAIL and its run FAILED; run the same command again to resume")
 def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
-         storage, register_as, alias, promote, ensemble_top, experiment, **options):
+         storage, register_as, alias, promote, heartbeat, ensemble_top, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
     base = config_from_options(options)
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
-                          pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote)
+                          pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat)
     best = _best_trial(study)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     click.echo(f"study {study.study_name}: {len(study.trials)} trials {states}")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,15 @@ def trained_model(mlflow_server, synth_data, session_tmp):
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     return {"result": result, "config": cfg, "name": "tiny", "version": result.version,
             "uri": f"models:/tiny/{result.version}", "tracking_uri": mlflow_server}
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    import psycopg
+
+    name = f"smids_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
