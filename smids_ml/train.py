@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 import mlflow
+from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
 import torch
@@ -57,7 +58,12 @@ def use_experiment(name: str | None) -> None:
     A tracking server that does not answer is one line naming it (MLflow would retry for minutes)."""
     tracking.check_server()
     if name and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(name)
+        try:
+            mlflow.set_experiment(name)
+        except MlflowException as exc:  # another worker created it between our look-up and our create
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            mlflow.set_experiment(name)
 
 
 def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bool = True) -> TrainResult:

@@ -50,10 +50,10 @@ class Server:
 
 @pytest.fixture
 def team(tmp_path, monkeypatch):
+    previous = mlflow.get_tracking_uri()
     server = Server(tmp_path)
     server.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(server.url)
     yield server
     mlflow.set_tracking_uri(previous)
@@ -66,12 +66,21 @@ def worker(team, synth_data, tmp_path, storage: str, study: str, epochs: int) ->
     command = [sys.executable, "-m", "smids_ml.tune", "--data", str(synth_data), "--experiment", "team",
                "--storage", storage, "--study-name", study, "--sampler", "grid", "--space", str(space),
                "--register-as", study, "--pruner", "none", "--heartbeat", "2", "--epochs", str(epochs), *FLAGS]
-    return subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, MLFLOW_TRACKING_URI=team.url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w+")
+    process = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, MLFLOW_TRACKING_URI=team.url),
+                               stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process.log = log
+    return process
 
 
 def finish(processes) -> list[tuple[int, str]]:
-    return [(p.wait(timeout=600), p.communicate()[1]) for p in processes]
+    """(exit status, the end of stderr without epoch lines) of each worker, once all have ended."""
+    codes = [p.wait(timeout=600) for p in processes]
+    tails = []
+    for p in processes:
+        p.log.seek(0)
+        tails.append("".join(line for line in p.log if not line.startswith("epoch "))[-2000:])
+    return list(zip(codes, tails))
 
 
 def one_parent_and_its_children(study_name: str):
@@ -148,12 +157,11 @@ def test_a_restarted_tracking_server_loses_no_finished_trial(team, synth_data, t
     assert all(r.data.metrics.get("best_valid_f1") is not None for r in children)
 
 
-def test_an_unreachable_study_storage_or_tracking_server_is_one_line(synth_data, monkeypatch):
+def test_an_unreachable_study_storage_or_tracking_server_is_one_line(synth_data, tracking):
     url = "postgresql://postgres@127.0.0.1:1/nothing"
     result = invoke(["tune", "--data", str(synth_data), "--storage", url, "--sampler", "grid", "--space", "improved-grid"])
     assert_one_line_error(result, f"cannot reach Optuna storage {url}")
     previous = mlflow.get_tracking_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     mlflow.set_tracking_uri("http://127.0.0.1:9")
     try:
         result = invoke(["train", "--data", str(synth_data), "--epochs", "1"])
@@ -170,7 +178,7 @@ def test_optuna_dashboard_shows_the_shared_study(postgres_url):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/studies", process, timeout=60)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as response:
-            studies = json.load(response)["studies"]
+            studies = json.load(response)["study_summaries"]
     finally:
         stop(process)
     assert [s["study_name"] for s in studies] == ["watched"]
