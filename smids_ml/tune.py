@@ -15,6 +15,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -434,7 +435,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     lock = functools.partial(study_lock, storage, study_name)
     dataset = prepare_data(base)
     search = Search(base, space, dataset, keep=ensemble_top)
-    use_experiment(experiment)
+    tracking.check_server()
     with lock():  # one study, one parent run: the first worker creates them, the others attach
         study = optuna.create_study(
             study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
@@ -444,6 +445,13 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         check_same_space(study, space)
         parent = study.user_attrs.get(PARENT_ATTR)
         resume = parent if parent and _run_exists(parent) else None
+        home = MlflowClient().get_run(resume).info.experiment_id if resume else None
+        chosen = mlflow.get_experiment_by_name(experiment) if experiment else None
+        if home is not None and experiment and not os.environ.get("MLFLOW_RUN_ID") \
+                and (chosen is None or chosen.experiment_id != home):
+            raise SmidsError(f"study {study_name} is tracked in experiment {MlflowClient().get_experiment(home).name!r} "
+                             f"(its parent run {resume}); run it with --experiment {MlflowClient().get_experiment(home).name!r}")
+        use_experiment(experiment)
         active = mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
                                   tags={"optuna.study": study_name, "optuna.sampler": sampler})
         if not resume:

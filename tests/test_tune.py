@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from smids_ml.serving import load_classifier
 from smids_ml.tune import open_storage
 from tests.conftest import TINY
-from tests.helpers import invoke, make_colour_dataset, mlflow_run
+from tests.helpers import assert_one_line_error, invoke, make_colour_dataset, mlflow_run
 
 FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0"]
 
@@ -233,3 +233,14 @@ def test_a_killed_workers_trial_is_failed_and_rerun_by_the_next_tune(tracking, s
     assert study.trials[stale.number].state == TrialState.FAIL
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
     assert sorted(t.params["lr"] for t in study.get_trials(states=(TrialState.COMPLETE,))) == [0.001, 0.002]
+
+
+def test_a_study_stays_in_its_experiment(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "home", "params:\n  lr: [0.001]\n")
+    storage = tmp_path / "optuna.journal"
+    common = ["--space", space, "--epochs", "1", "--study-name", "home", "--register-as", "", "--pruner", "none"]
+    tune(tracking, synth_data, storage, *common)
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", f"{tracking}-other", "--storage", str(storage),
+                     "--sampler", "grid", *FLAGS, *common])
+    assert_one_line_error(result, "study home is tracked in experiment", f"--experiment '{tracking}'")
+    assert mlflow.get_experiment_by_name(f"{tracking}-other") is None
