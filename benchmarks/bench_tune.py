@@ -37,8 +37,9 @@ def main() -> None:
     print(f"bench_tune: improved_cnn, {IMAGES} synthetic images at {SIZE} px, up to {EPOCHS} epochs a trial, "
           f"monitor valid_acc; {machine()}")
     root = synthetic_set(IMAGES)
-    base = TrainConfig(data=str(root), image_size=SIZE, epochs=EPOCHS, patience=0, monitor="valid_acc", lr=5e-4,
-                       num_threads=os.cpu_count() or 1).validate()
+    # the original recipe around both searches, so that only the search differs
+    base = TrainConfig.from_preset("original", data=str(root), image_size=SIZE, epochs=EPOCHS, patience=0,
+                                   monitor="valid_acc", lr=5e-4, num_threads=os.cpu_count() or 1).validate()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
