@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -47,6 +48,7 @@ CHALLENGER = "challenger"  # every study's newly registered best; --alias (champ
 PARENT_ATTR = "mlflow_parent_run_id"
 HEARTBEAT_SECONDS = 30
 MAX_FAILURES = 2  # a grid point that failed twice is not tried again (a failure is retried once)
+GRID_ATTR = "grid_point"  # the grid point a trial runs, set when it is created, before any value is suggested
 WEIGHTS = "weights/weights.pt"  # a top trial's weights, in its run's artifacts: any worker can promote it
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported by `echo_trial`, without tracebacks
@@ -111,13 +113,22 @@ def study_lock(url: str, study_name: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class PointSampler(optuna.samplers.RandomSampler):
+    """A grid's sampler: each trial takes the grid point its worker chose for it under the study lock
+    (`run_grid`), so several workers never run one point twice, which GridSampler cannot promise."""
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        point = trial.user_attrs.get(GRID_ATTR, {})
+        if param_name in point:
+            return point[param_name]
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
 def make_sampler(name: str, space: dict, seed: int):
-    """The study's sampler. A grid's points are queued one by one by `run_grid` (Optuna's trial queue
-    hands each to exactly one worker, which GridSampler cannot promise to several workers), so its
-    sampler never draws a value."""
+    """The study's sampler (grid: `PointSampler`, fed by `run_grid`)."""
     if name == "grid":
         grid_of(space)
-        return optuna.samplers.RandomSampler(seed=seed)
+        return PointSampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -242,18 +253,23 @@ def fail_stale_trials(study: optuna.Study) -> int:
 
 
 def next_grid_point(study: optuna.Study, space: dict) -> tuple[dict | None, bool]:
-    """(the params of a grid point nobody has run, is running or has queued, or None; whether any point
-    is still running or queued). A point that failed once is run again; twice, it is left."""
+    """(the params of a grid point nobody has run or is running, or None; whether any point is still
+    running). A point that failed once is run again; twice, it is left. Reads the storage itself, not a
+    worker's cache, since other workers write to it."""
     grid = grid_of(space)
     names = list(grid)
     status: dict[tuple, list] = {values: [] for values in itertools.product(*grid.values())}
-    for trial in study.get_trials(deepcopy=False):
-        key = tuple(trial.params.get(n, trial.system_attrs.get("fixed_params", {}).get(n)) for n in names)
+    storage = study._storage
+    if isinstance(storage, optuna.storages._CachedStorage):  # Optuna's cache in front of a database
+        storage = storage._backend
+    for trial in storage.get_all_trials(study._study_id, deepcopy=False):
+        point = {**trial.user_attrs.get(GRID_ATTR, {}), **trial.params}
+        key = tuple(point.get(n) for n in names)
         if key in status:
             status[key].append(trial.state)
-    busy = any(state in (TrialState.RUNNING, TrialState.WAITING) for states in status.values() for state in states)
+    busy = any(state == TrialState.RUNNING for states in status.values() for state in states)
     for values, states in status.items():
-        if not any(state != TrialState.FAIL for state in states) and len(states) < MAX_FAILURES:
+        if all(state == TrialState.FAIL for state in states) and len(states) < MAX_FAILURES:
             return dict(zip(names, values)), busy
     return None, busy
 
@@ -261,24 +277,46 @@ def next_grid_point(study: optuna.Study, space: dict) -> tuple[dict | None, bool
 def run_grid(study: optuna.Study, search: Search, lock, poll: float, n_trials: int | None = None,
              timeout: float | None = None) -> int:
     """Run grid points until none is left, with any number of workers on the same study: under the lock a
-    worker queues one untaken point, then runs one queued trial, so each point runs exactly once (a
-    failed one twice). A worker waits while others still run points (a dead one's point comes back).
-    Stops after `n_trials` trials or `timeout` seconds of this worker, if given; returns how many it ran."""
+    worker picks a point that nobody has run or is running and creates its trial, so each point runs
+    exactly once (a failed one twice). A worker waits while others still run points (a dead one's point
+    comes back). Stops after `n_trials` trials or `timeout` seconds of this worker, if given; returns how
+    many it ran."""
     ran, deadline = 0, time.monotonic() + timeout if timeout else float("inf")
     while (n_trials is None or ran < n_trials) and time.monotonic() < deadline:
         with lock():
             fail_stale_trials(study)
             point, busy = next_grid_point(study, search.space)
             if point is not None:
-                study.enqueue_trial(point, skip_if_exists=False)
+                trial = study.ask()
+                trial.set_user_attr(GRID_ATTR, point)
         if point is None:
             if not busy:
                 return ran
             time.sleep(poll)
             continue
-        study.optimize(search.objective, n_trials=1, callbacks=[echo_trial], gc_after_trial=True)
+        run_trial(study, search, trial)
         ran += 1
     return ran
+
+
+def run_trial(study: optuna.Study, search: Search, trial: optuna.Trial) -> None:
+    """What `study.optimize` does for one asked trial: heartbeats while it runs, then tell the outcome."""
+    # Optuna's own heartbeat thread (what optimize uses); a no-op for storages without heartbeats
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = search.objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
+        finally:
+            gc.collect()
+    echo_trial(study, study._storage.get_trial(trial._trial_id))
 
 
 def retry_failed(study: optuna.Study) -> int:
