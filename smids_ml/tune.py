@@ -487,8 +487,9 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         chosen = mlflow.get_experiment_by_name(experiment) if experiment else None
         if home is not None and experiment and not os.environ.get("MLFLOW_RUN_ID") \
                 and (chosen is None or chosen.experiment_id != home):
-            raise SmidsError(f"study {study_name} is tracked in experiment {MlflowClient().get_experiment(home).name!r} "
-                             f"(its parent run {resume}); run it with --experiment {MlflowClient().get_experiment(home).name!r}")
+            home_name = MlflowClient().get_experiment(home).name
+            raise SmidsError(f"study {study_name} is tracked in experiment {home_name!r} "
+                             f"(its parent run {resume}); run it with --experiment {home_name!r}")
         use_experiment(experiment)
         active = mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
                                   tags={"optuna.study": study_name, "optuna.sampler": sampler})
