@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_accuracy                      # default and original, 5 folds, smids-dev
     python -m benchmarks.bench_accuracy --recipes default --folds 3 --epochs 15    # a quick screen
+    python -m benchmarks.bench_accuracy --recipes default,default+image_size=128 --folds 3 --no-ensemble
+
+A recipe is a preset name, optionally followed by `+field=value` overrides of TrainConfig fields.
 
 Every recipe row is `smids_ml.cv.cross_validate` (the code `smids-ml cv` runs), logged to MLflow
 (experiment `smids-ml-bench-accuracy`): test accuracy and macro F1 as mean ± std over the folds.
@@ -14,6 +17,7 @@ held-out images.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -34,7 +38,20 @@ EXPERIMENT = "smids-ml-bench-accuracy"
 
 
 def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
-    return TrainConfig.from_preset(recipe, data=str(data), **overrides).validate()
+    """`preset+field=value+...`: the preset, its `+` overrides, then the command's own overrides."""
+    name, *pairs = recipe.split("+")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SmidsError(f"recipe {recipe!r}: {pair!r} is not field=value of a TrainConfig field")
+        own[key] = value
+    cfg = TrainConfig.from_preset(name, data=str(data), **{**own, **overrides})
+    for key in own:  # text to the field's type: numbers by validate(), booleans here
+        if isinstance(getattr(TrainConfig(), key), bool):
+            setattr(cfg, key, own[key].lower() in ("1", "true", "yes"))
+    return cfg.validate()
 
 
 def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> list:
@@ -81,16 +98,20 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int) -> list[list]:
               help="Labelled real crops, one folder per class.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--recipes", default="default,original", show_default=True,
-              help=f"Comma-separated presets ({', '.join(PRESETS)}); the first one is also the ensemble's.")
+              help=f"Comma-separated recipes: a preset ({', '.join(PRESETS)}) with optional +field=value "
+                   "overrides; the first one is also the ensemble's.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="Add the held-out ensemble rows.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
-def main(data: Path, folds: int, recipes: str, ensemble: bool, epochs: int | None, image_size: int | None) -> None:
+@click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
+def main(data: Path, folds: int, recipes: str, ensemble: bool, epochs: int | None, image_size: int | None,
+         num_threads: int) -> None:
     """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
     if not data.is_dir():
         raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "
                          "(the benchmark needs real data; tests use synthetic sets)")
-    overrides = {k: v for k, v in {"epochs": epochs, "image_size": image_size}.items() if v is not None}
+    overrides = {k: v for k, v in {"epochs": epochs, "image_size": image_size,
+                                   "num_threads": num_threads or None}.items() if v is not None}
     names = [r.strip() for r in recipes.split(",") if r.strip()]
     print(f"accuracy on {data}, {machine()}", flush=True)
     rows = []

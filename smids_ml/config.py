@@ -69,6 +69,8 @@ class TrainConfig:
     # model
     model: str = _opt("smids_resnet", "Architecture.", MODELS)
     pretrained: bool = _opt(False, "Start from torchvision ImageNet weights (must already be in the torch cache).")
+    width: int = _opt(32, "Channels of smids_resnet's first stage, doubled at each of its four stages "
+                          "(32: 1.2 M parameters; compute grows with the square).")
     dropout_rate: float = _opt(0.2, "Dropout before the classifier.")
     # optimisation
     epochs: int = _opt(40, "Number of epochs (the schedule spans them all).")
@@ -115,6 +117,7 @@ class TrainConfig:
             (0 <= self.rotation <= 180, f"--rotation must be in [0, 180] degrees, got {self.rotation}"),
             (0 <= self.scale_shift < 0.5, f"--scale-shift must be in [0, 0.5), got {self.scale_shift}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
+            (self.width >= 4, f"--width must be at least 4, got {self.width}"),
             (self.image_size >= 16, f"--image-size must be at least 16, got {self.image_size}"),
             (0 < self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
              f"--valid-frac and --test-frac must be in (0, 1) and sum below 1, got {self.valid_frac} and {self.test_frac}"),

@@ -60,17 +60,14 @@ class BasicBlock(nn.Module):
 
 class SmidsResNet(nn.Module):
     """A compact ResNet for 64–128 px crops trained from scratch: a stride-2 stem, four one-block
-    stages (32, 64, 128, 256 channels), global average pooling. About 1.2 M parameters and about
-    3× resnet18's training speed on a CPU at 96 px; the network's last feature map is 6×6 there."""
+    stages (`width` channels, doubling per stage), global average pooling. At width 32 about 1.2 M
+    parameters and about 3× resnet18's training speed on a CPU at 96 px; the last feature map is 6×6 there."""
 
-    WIDTHS = (32, 64, 128, 256)
-
-    def __init__(self, num_classes: int, channels: int, dropout: float):
+    def __init__(self, num_classes: int, channels: int, dropout: float, width: int = 32):
         super().__init__()
-        layers = [nn.Conv2d(channels, self.WIDTHS[0], 3, 2, 1, bias=False), nn.BatchNorm2d(self.WIDTHS[0]),
-                  nn.ReLU(inplace=True)]
-        width = self.WIDTHS[0]
-        for stage, out in enumerate(self.WIDTHS):
+        widths = [width * 2 ** stage for stage in range(4)]
+        layers = [nn.Conv2d(channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        for stage, out in enumerate(widths):
             layers.append(BasicBlock(width, out, stride=1 if stage == 0 else 2))
             width = out
         self.features = nn.Sequential(*layers)
@@ -123,14 +120,14 @@ def _replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
 
 
 def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35, image_size: int = 112,
-          pretrained: bool = False) -> nn.Module:
+          pretrained: bool = False, width: int = 32) -> nn.Module:
     """A fresh network for `num_classes` classes on `channels`-channel `image_size` inputs."""
     if name not in OWN and name not in TORCHVISION:
         raise SmidsError(f"unknown model {name!r}; choose one of {', '.join([*OWN, *TORCHVISION])}")
     if pretrained and name in OWN:
         raise SmidsError(f"--pretrained: no ImageNet weights exist for {name}; use one of {', '.join(TORCHVISION)}")
     if name == "smids_resnet":
-        return SmidsResNet(num_classes, channels, dropout)
+        return SmidsResNet(num_classes, channels, dropout, width)
     if name in OWN:
         return StudyCNN(num_classes, channels, dropout, image_size, batch_norm=name == "improved_cnn")
     factory, weights = TORCHVISION[name]
@@ -144,6 +141,12 @@ def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35,
     _adapt_input(model, channels)
     _replace_head(model, num_classes, dropout)
     return model
+
+
+def build_for(cfg, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """The network a TrainConfig describes; ImageNet weights only for a training run that asks for them
+    (a trained model's weights replace them anyway)."""
+    return build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, pretrained, cfg.width)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
 from smids_ml.data import MAX_PIXELS, ImageError, normalize, open_image, prepare_image
-from smids_ml.models import build
+from smids_ml.models import build_for
 
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # one decoded image file
 MAX_REQUEST_IMAGES = 512  # rows in one request
@@ -76,7 +76,7 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
         states = saved["members"] if set(saved) == {"members"} else [saved]
         self.networks = []
         for cfg, state in zip(self.members, states, strict=True):
-            network = build(cfg.model, len(self.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+            network = build_for(cfg, len(self.classes))
             network.load_state_dict(state)
             self.networks.append(network.eval().to(memory_format=torch.channels_last))
         return self

@@ -24,7 +24,7 @@ from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import steps, stops_cleanly
 from smids_ml.data import SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
-from smids_ml.models import build, count_parameters
+from smids_ml.models import build_for, count_parameters
 
 DEFAULT_EXPERIMENT = "smids-ml"
 
@@ -74,7 +74,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     device = resolve_device(cfg.device)
     images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
     seed_everything(cfg.seed)
-    network = build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size, cfg.pretrained)
+    network = build_for(cfg, len(dataset.classes), cfg.pretrained)
     batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
                            cfg.rotation, cfg.scale_shift)
     tracking.log_run_context(cfg, dataset, count_parameters(network))

@@ -37,7 +37,7 @@ from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stops_cleanly
 from smids_ml.data import Dataset
-from smids_ml.models import build
+from smids_ml.models import build_for
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, suggest
 from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, run_training, use_experiment
 
@@ -402,7 +402,7 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
                                                            dst_path=f"{tmp}/{trial.number}")
             except (MlflowException, OSError):  # a trial that was never among the best kept no weights
                 continue
-            network = build(cfg.model, len(search.dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
+            network = build_for(cfg, len(search.dataset.classes))
             network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             members.append((network, cfg))
             chosen.append(trial)

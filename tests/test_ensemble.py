@@ -29,10 +29,11 @@ TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 
 @pytest.fixture(scope="module")
 def ensemble(mlflow_server, synth_data):
-    """A 2-fold cross-validation registered as `ens@champion`."""
+    """A 2-fold cross-validation of the default network at a non-default width, registered as `ens@champion`."""
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     mlflow.set_tracking_uri(mlflow_server)
-    result = invoke(["cv", "--folds", "2", "--data", str(synth_data), *TINY_FLAGS, "--experiment", "ensemble",
+    result = invoke(["cv", "--folds", "2", "--data", str(synth_data), *TINY_FLAGS, "--model", "smids_resnet",
+                     "--width", "8", "--experiment", "ensemble",
                      "--register-as", "ens", "--alias", "champion"])
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     assert result.exit_code == 0, result.output
@@ -57,6 +58,8 @@ def test_the_ensemble_averages_its_fold_models(ensemble, foreign):
     model = load_classifier(ensemble)
     assert len(model.networks) == 2 and model.classes == list(SMIDS_CLASSES)
     cfg = model.config
+    assert cfg.model == "smids_resnet" and cfg.width == 8
+    assert model.networks[0].features[0].out_channels == 8  # rebuilt at the width it trained with
     batch = torch.stack([prepare_image(open_image(f), cfg.image_size, cfg.channels, cfg.resize)
                          for f in files_of(foreign)])
     with torch.no_grad():
