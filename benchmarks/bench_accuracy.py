@@ -100,11 +100,12 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int) -> list[list]:
 @click.option("--recipes", default="default,original", show_default=True,
               help=f"Comma-separated recipes: a preset ({', '.join(PRESETS)}) with optional +field=value "
                    "overrides; the first one is also the ensemble's.")
+@click.option("--cv/--no-cv", "cv_rows", default=True, show_default=True, help="The k-fold row of each recipe.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="Add the held-out ensemble rows.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
-def main(data: Path, folds: int, recipes: str, ensemble: bool, epochs: int | None, image_size: int | None,
+def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, epochs: int | None, image_size: int | None,
          num_threads: int) -> None:
     """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
     if not data.is_dir():
@@ -115,7 +116,7 @@ def main(data: Path, folds: int, recipes: str, ensemble: bool, epochs: int | Non
     names = [r.strip() for r in recipes.split(",") if r.strip()]
     print(f"accuracy on {data}, {machine()}", flush=True)
     rows = []
-    for name in names:
+    for name in names if cv_rows else []:
         rows.append(cv_row(name, recipe_config(name, data, overrides), folds))
         print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows[-1:]), flush=True)
     if ensemble:
