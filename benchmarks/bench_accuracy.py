@@ -48,9 +48,12 @@ def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
             raise SmidsError(f"recipe {recipe!r}: {pair!r} is not field=value of a TrainConfig field")
         own[key] = value
     cfg = TrainConfig.from_preset(name, data=str(data), **{**own, **overrides})
-    for key in own:  # text to the field's type: numbers by validate(), booleans here
+    for key in own:  # text to the field's type: numbers by validate(), booleans as the CLI parses them
         if isinstance(getattr(TrainConfig(), key), bool):
-            setattr(cfg, key, own[key].lower() in ("1", "true", "yes"))
+            try:
+                setattr(cfg, key, click.BOOL.convert(own[key], None, None))
+            except click.BadParameter:
+                raise SmidsError(f"recipe {recipe!r}: {key} must be true or false, got {own[key]!r}") from None
     return cfg.validate()
 
 
