@@ -91,6 +91,7 @@ def test_same_seed_gives_the_same_metrics(tracking, synth_data):
     (["--dropout-rate", "1.0"], "--dropout-rate must be in [0, 1)"),
     (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     (["--batch", "0"], "--batch must be at least 1"),
+    (["--width", "2"], "--width must be at least 4"),
 ])
 def test_bad_values_fail_before_any_run(tracking, synth_data, flags, message):
     result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *flags])
