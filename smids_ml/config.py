@@ -54,7 +54,9 @@ class TrainConfig:
     data: str = _opt("data", "Data root: one folder per class (found up to two levels down).", tunable=False)
     split_manifest: str | None = _opt(None, "Reuse this manifest CSV (its split) instead of splitting anew.", tunable=False)
     classes: str | None = _opt(None, "Comma-separated class folders to use (default: every class folder found).", tunable=False)
-    valid_frac: float = _opt(0.15, "Fraction of images for validation.", tunable=False)
+    valid_frac: float = _opt(0.15, "Fraction of images for validation (early stopping, choosing the kept epoch). 0: no "
+                                   "validation split: those images train too and the last epoch of the full schedule is kept.",
+                             tunable=False)
     test_frac: float = _opt(0.15, "Fraction of images held out for the test split.", tunable=False)
     strict: bool = _opt(False, "Fail on any unreadable image instead of skipping it.", tunable=False)
     # input
@@ -119,8 +121,11 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.width >= 4, f"--width must be at least 4, got {self.width}"),
             (self.image_size >= 16, f"--image-size must be at least 16, got {self.image_size}"),
-            (0 < self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
-             f"--valid-frac and --test-frac must be in (0, 1) and sum below 1, got {self.valid_frac} and {self.test_frac}"),
+            (0 <= self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
+             f"--valid-frac must be in [0, 1), --test-frac in (0, 1), and they must sum below 1, got {self.valid_frac} "
+             f"and {self.test_frac}"),
+            (self.valid_frac > 0 or self.patience == 0,
+             f"--patience {self.patience} needs a validation split to watch; with --valid-frac 0 use --patience 0"),
             (self.num_threads >= 0, f"--num-threads must be 0 or more, got {self.num_threads}"),
         ]
         for f in fields(self):

@@ -1,7 +1,7 @@
 """Stratified k-fold cross-validation under one parent run: `python -m smids_ml.cv --folds 5 --data data`.
 
 Fold k is the test fold; a validation part for early stopping is carved (stratified, seeded) from
-the other folds. Each fold trains in a nested child run (`train.run_training`) and is scored on its
+the other folds, unless --valid-frac is 0. Each fold trains in a nested child run (`train.run_training`) and is scored on its
 test fold by `evaluate.log_evaluation`, the code `smids-ml evaluate` uses. The parent run holds the
 mean and sample standard deviation of every test metric (`cv_test_accuracy_mean`, `..._std`), as
 published 5-fold SMIDS results are reported, the per-fold table, and the pooled out-of-fold
@@ -34,8 +34,11 @@ DEFAULT_EXPERIMENT = "smids-ml-cv"
 def carve_valid(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
     """True for a stratified, seeded `fraction` of the rows, by unique content (duplicates together).
 
-    Each class keeps at least one training image; a class with two or more keeps at least one for validation.
+    Each class keeps at least one training image; a class with two or more keeps at least one for
+    validation. `fraction` 0 carves nothing (each fold trains its whole schedule and keeps the last epoch).
     """
+    if fraction == 0:
+        return pd.Series(False, index=frame.index)
     chosen = []
     for _, hashes in stratified_groups(frame, seed):
         n = min(max(1, round(len(hashes) * fraction)), len(hashes) - 1)

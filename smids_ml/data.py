@@ -241,14 +241,16 @@ def stratified_groups(frame: pd.DataFrame, seed: int):
 
 
 def split(frame: pd.DataFrame, valid_frac: float = 0.15, test_frac: float = 0.15, seed: int = 42) -> pd.DataFrame:
-    """Stratified, seeded train/valid/test split by unique content: duplicates share one split."""
+    """Stratified, seeded train/valid/test split by unique content: duplicates share one split.
+    `valid_frac` 0 gives no valid part (training keeps the last epoch)."""
     assignment = {}
     for label, hashes in stratified_groups(frame, seed):
-        if len(hashes) < 3:
-            raise SmidsError(f"class {label} has {len(hashes)} distinct readable image(s); at least 3 are needed "
-                             "to give train, valid and test one each")
-        n_test = min(max(1, round(len(hashes) * test_frac)), len(hashes) - 2)
-        n_valid = min(max(1, round(len(hashes) * valid_frac)), len(hashes) - n_test - 1)
+        needed = 3 if valid_frac > 0 else 2
+        if len(hashes) < needed:
+            raise SmidsError(f"class {label} has {len(hashes)} distinct readable image(s); at least {needed} are needed "
+                             f"to give {'train, valid and test' if valid_frac > 0 else 'train and test'} one each")
+        n_test = min(max(1, round(len(hashes) * test_frac)), len(hashes) - needed + 1)
+        n_valid = min(max(1, round(len(hashes) * valid_frac)), len(hashes) - n_test - 1) if valid_frac > 0 else 0
         for i, h in enumerate(hashes):
             assignment[h] = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
     out = frame.copy()
@@ -343,7 +345,7 @@ def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tup
                                  "that is leakage between splits")
     missing = [s for s in required_splits if not (manifest["split"] == s).any()]
     if missing:
-        raise SmidsError(f"manifest {path} has no {' or '.join(missing)} rows; training needs train, valid and test")
+        raise SmidsError(f"manifest {path} has no {' or '.join(missing)} rows; training needs {' and '.join(required_splits)}")
 
 
 def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None,

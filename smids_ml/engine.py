@@ -164,7 +164,8 @@ class History:
 
 def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         callbacks: Iterable[Callback] = ()) -> History:
-    """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights."""
+    """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights.
+    Without validation batches (--valid-frac 0) the whole schedule runs and the last epoch is kept."""
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler, per_step = make_scheduler(optimizer, cfg, len(batches["train"]))
@@ -172,19 +173,21 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     sign = -1.0 if cfg.monitor == "valid_loss" else 1.0
     history, best_score, best_state, waited = History(), -float("inf"), None, 0
+    validating = len(batches["valid"]) > 0
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         metrics = train_one_epoch(model, batches["train"], optimizer, criterion, device, precision,
                                   scheduler if per_step else None)
-        metrics.update(evaluate(model, batches["valid"], device, "valid", precision))
+        if validating:
+            metrics.update(evaluate(model, batches["valid"], device, "valid", precision))
         metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start)
         if scheduler and not per_step:
             scheduler.step()
         history.epochs.append(metrics)
-        score = sign * metrics[cfg.monitor]
+        score = sign * metrics[cfg.monitor] if validating else epoch
         if score > best_score:
-            best_score, best_state, waited = score, copy.deepcopy(model.state_dict()), 0
+            best_score, best_state, waited = score, copy.deepcopy(model.state_dict()) if validating else None, 0
             history.best_epoch = epoch
         else:
             waited += 1
@@ -193,5 +196,6 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         if cfg.patience and waited >= cfg.patience:
             history.stopped_early = True
             break
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return history

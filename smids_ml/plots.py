@@ -9,11 +9,12 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 
 def training_curves(history: pd.DataFrame, best_epoch: int | None = None):
-    """Loss and accuracy per epoch, train against valid, with the kept epoch marked."""
+    """Loss and accuracy per epoch, train against valid (when there is one), with the kept epoch marked."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("loss", "acc")):
         ax.plot(history["epoch"], history[f"train_{metric}"], label="train")
-        ax.plot(history["epoch"], history[f"valid_{metric}"], label="valid")
+        if f"valid_{metric}" in history:
+            ax.plot(history["epoch"], history[f"valid_{metric}"], label="valid")
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
         ax.set(xlabel="epoch", ylabel=metric, title={"loss": "Loss", "acc": "Accuracy"}[metric])

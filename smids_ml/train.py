@@ -42,7 +42,8 @@ class TrainResult:
 def prepare_data(cfg: TrainConfig) -> Dataset:
     """The checked, split data set: from --split-manifest when given (verified), else split anew."""
     if cfg.split_manifest:
-        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, required_splits=SPLITS)
+        needed = SPLITS if cfg.valid_frac > 0 else ("train", "test")
+        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, required_splits=needed)
     else:
         dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict)
         for line in dataset.report.lines():
@@ -80,9 +81,9 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     tracking.log_run_context(cfg, dataset, count_parameters(network))
     with steps(f"Training {cfg.model}", cfg.epochs) as bar:
         def show(epoch: int, metrics: dict) -> None:
-            bar.label = (f"epoch {epoch}/{cfg.epochs}: train_loss {metrics['train_loss']:.4f} "
-                         f"valid_acc {metrics['valid_acc']:.4f} valid_f1 {metrics['valid_f1']:.4f} "
-                         f"({metrics['epoch_seconds']:.0f} s)")
+            shown = ("train_loss", "valid_acc", "valid_f1") if "valid_acc" in metrics else ("train_loss", "train_acc")
+            bar.label = (f"epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown)
+                         + f" ({metrics['epoch_seconds']:.0f} s)")
             bar.update(1)
 
         history = fit(network, batches, cfg, device, callbacks=[tracking.epoch_logger, show, *callbacks])
@@ -94,17 +95,19 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
 
 
 def log_outcome(history: History, network, valid_batches, dataset: Dataset, cfg: TrainConfig, device) -> None:
-    """Best-epoch metrics, history CSV, curves, validation confusion matrix, manifest and config."""
+    """Best-epoch metrics, history CSV, curves, validation confusion matrix (with a validation split),
+    manifest and config."""
     mlflow.log_metrics({f"best_{k}": v for k, v in history.best.items()})
     mlflow.log_params({"best_epoch": history.best_epoch, "epochs_run": len(history.epochs)})
     frame = pd.DataFrame(history.epochs)
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
     tracking.log_frame(frame, "history.csv")
     tracking.log_figure(plots.training_curves(frame, history.best_epoch), "plots/training_curves.png")
-    probs, targets = predict_proba(network, valid_batches, device, resolve_precision(cfg.precision, device, cfg.model))
-    tracking.log_figure(plots.confusion_matrix(targets, probs.argmax(1), dataset.classes,
-                                               title="Validation confusion matrix (best epoch)"),
-                        "plots/valid_confusion_matrix.png")
+    if len(valid_batches):
+        probs, targets = predict_proba(network, valid_batches, device, resolve_precision(cfg.precision, device, cfg.model))
+        tracking.log_figure(plots.confusion_matrix(targets, probs.argmax(1), dataset.classes,
+                                                   title="Validation confusion matrix (best epoch)"),
+                            "plots/valid_confusion_matrix.png")
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
         (Path(tmp) / "config.json").write_text(cfg.to_json())
@@ -119,8 +122,9 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     with mlflow.start_run(run_name=run_name):
         result = run_training(cfg, dataset)
         if register_as:
+            score = result.history.best.get(cfg.monitor)
             version = tracking.register(result.model_uri, register_as, alias, tags={
-                "run_id": result.run_id, f"valid_{cfg.monitor}": result.history.best[cfg.monitor]})
+                "run_id": result.run_id, **({f"valid_{cfg.monitor}": score} if score is not None else {})})
             result.version = version.version
     return result
 
@@ -138,9 +142,13 @@ def main(experiment, run_name, register_as, alias, **options):
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
     result = train(cfg, experiment, run_name, register_as, alias)
-    best = result.history.best
-    click.echo(f"run {result.run_id}: best epoch {result.history.best_epoch}/{len(result.history.epochs)}, "
-               f"valid_acc {best['valid_acc']:.4f}, valid_f1 {best['valid_f1']:.4f}")
+    history, best = result.history, result.history.best
+    if "valid_acc" in best:
+        click.echo(f"run {result.run_id}: best epoch {history.best_epoch}/{len(history.epochs)}, "
+                   f"valid_acc {best['valid_acc']:.4f}, valid_f1 {best['valid_f1']:.4f}")
+    else:
+        click.echo(f"run {result.run_id}: kept the last epoch ({history.best_epoch}; no validation split), "
+                   f"train_acc {best['train_acc']:.4f} on augmented batches")
     if result.version:
         click.echo(f"registered models:/{register_as}/{result.version}" + (f" (@{alias})" if alias else ""))
 

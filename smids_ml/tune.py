@@ -460,6 +460,9 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     (same --storage and --study-name); returns (study, registered version or None).
 
     `ensemble_top` > 1 registers the ensemble of the best trials instead of the best one alone."""
+    if base.valid_frac == 0:
+        raise SmidsError(f"tune ranks trials by their validation {base.monitor}: --valid-frac must be above 0 "
+                         "(0.15 is usual)")
     space = load_space(space_name)
     storage = storage or default_storage()
     if isinstance(space_name, dict):

@@ -41,3 +41,14 @@ def test_two_fold_cv_gives_a_parent_with_two_fold_runs_and_mean_std(synth_data, 
         assert (manifest["split"] == "valid").any()  # early stopping saw a part carved from the training folds
         tested += list(predictions["path"])
     assert len(tested) == len(set(tested)) == 36  # the test folds partition the 3 × 12 images
+
+
+def test_without_validation_each_fold_trains_on_all_other_folds(synth_data, tracking):
+    from smids_ml.config import TrainConfig
+    from smids_ml.cv import cross_validate
+
+    cfg = TrainConfig(data=str(synth_data), **TINY, valid_frac=0).validate()
+    result = cross_validate(cfg, folds=2, experiment=tracking)
+    assert list(result.folds["n_valid"]) == [0, 0]
+    assert list(result.folds["n_train"] + result.folds["n_test"]) == [36, 36]
+    assert list(result.folds["best_epoch"]) == [TINY["epochs"]] * 2  # the last epoch, as nothing selects another

@@ -92,6 +92,7 @@ def test_same_seed_gives_the_same_metrics(tracking, synth_data):
     (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     (["--batch", "0"], "--batch must be at least 1"),
     (["--width", "2"], "--width must be at least 4"),
+    (["--valid-frac", "0", "--patience", "3"], "--patience 3 needs a validation split"),
 ])
 def test_bad_values_fail_before_any_run(tracking, synth_data, flags, message):
     result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *flags])
@@ -157,6 +158,29 @@ def test_a_run_off_a_terminal_prints_one_line_per_epoch(tracking, synth_data):
     lines = [line for line in done.stderr.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert all("valid_acc" in line and "train_loss" in line for line in lines)
+
+
+def test_without_a_validation_split_the_schedule_runs_out_and_the_last_epoch_is_kept(tracking, synth_data):
+    """--valid-frac 0: those images train too; nothing is selected on validation, so the last epoch is kept."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "epochs": 3, "valid_frac": 0}.items()]
+    done = subprocess.run([sys.executable, "-m", "smids_ml.train", "--data", str(synth_data), "--experiment",
+                           tracking, *flags], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3 and all("train_acc" in line and "valid" not in line for line in lines)
+    assert "kept the last epoch (3; no validation split)" in done.stdout
+    run = mlflow.search_runs(experiment_names=[tracking], output_format="list")[0]
+    assert run.data.params["n_valid"] == "0" and run.data.params["best_epoch"] == "3"
+    assert int(run.data.params["n_train"]) + int(run.data.params["n_test"]) == 36
+    assert not any(key.startswith("valid_") for key in run.data.metrics)
+    manifest = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="manifest.csv"))
+    assert "valid" not in set(pd.read_csv(manifest)["split"])
+    # the manifest is reused as it is with --valid-frac 0, and refused where validation is expected
+    again = invoke(["train", "--data", str(synth_data), "--experiment", tracking, "--split-manifest", str(manifest),
+                    *flags[:-1], "--valid-frac", "0"])
+    assert again.exit_code == 0, again.output
+    refused = invoke(["train", "--data", str(synth_data), "--experiment", tracking, "--split-manifest", str(manifest)])
+    assert_one_line_error(refused, str(manifest), "has no valid rows")
 
 
 def test_bf16_precision_trains_on_the_cpu_and_auto_picks_by_device(tracking, synth_data):

@@ -244,3 +244,11 @@ def test_a_study_stays_in_its_experiment(tracking, synth_data, tmp_path):
                      "--sampler", "grid", *FLAGS, *common])
     assert_one_line_error(result, "study home is tracked in experiment", f"--experiment '{tracking}'")
     assert mlflow.get_experiment_by_name(f"{tracking}-other") is None
+
+
+def test_tune_refuses_to_run_without_a_validation_split(tracking, synth_data, tmp_path):
+    storage = tmp_path / "study.db"
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", f"sqlite:///{storage}",
+                     "--valid-frac", "0", *FLAGS])
+    assert_one_line_error(result, "--valid-frac must be above 0")
+    assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
