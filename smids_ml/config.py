@@ -54,7 +54,7 @@ class TrainConfig:
     data: str = _opt("data", "Data root: one folder per class (found up to two levels down).", tunable=False)
     split_manifest: str | None = _opt(None, "Reuse this manifest CSV (its split) instead of splitting anew.", tunable=False)
     classes: str | None = _opt(None, "Comma-separated class folders to use (default: every class folder found).", tunable=False)
-    valid_frac: float = _opt(0.15, "Fraction of images for validation (early stopping, choosing the kept epoch). 0: no "
+    valid_frac: float = _opt(0.0, "Fraction of images for validation (early stopping, choosing the kept epoch). 0: no "
                                    "validation split: those images train too and the last epoch of the full schedule is kept.",
                              tunable=False)
     test_frac: float = _opt(0.15, "Fraction of images held out for the test split.", tunable=False)
@@ -87,6 +87,8 @@ class TrainConfig:
                           ("onecycle", "cosine", "none"))
     warmup_epochs: float = _opt(2.0, "Warm-up length of the onecycle schedule, in epochs (kept shorter than the run).")
     label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy loss.")
+    mixup: float = _opt(0.0, "MixUp alpha: each training batch is blended with a shifted copy of itself, labels too, "
+                             "by a Beta(alpha, alpha) weight (0: off).")
     monitor: str = _opt("valid_f1", "Validation metric for early stopping and model selection (valid_f1 is macro F1).", MONITORS)
     # runtime
     seed: int = _opt(42, "Seed for the split, initialisation, shuffling and augmentation.", tunable=False)
@@ -115,6 +117,7 @@ class TrainConfig:
             (0 <= self.dropout_rate < 1, f"--dropout-rate must be in [0, 1), got {self.dropout_rate}"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.mixup >= 0, f"--mixup must be 0 or more, got {self.mixup}"),
             (self.augment_strength >= 0, f"--augment-strength must be 0 or more, got {self.augment_strength}"),
             (0 <= self.rotation <= 180, f"--rotation must be in [0, 180] degrees, got {self.rotation}"),
             (0 <= self.scale_shift < 0.5, f"--scale-shift must be in [0, 0.5), got {self.scale_shift}"),
@@ -167,13 +170,14 @@ class TrainConfig:
         return [c.strip() for c in self.classes.split(",") if c.strip()] if self.classes else None
 
 
-def config_options(exclude: tuple[str, ...] = ()):
-    """A decorator adding one click option per TrainConfig field (booleans as `--x [BOOL]` and `--no-x`)."""
+def config_options(defaults: dict[str, Any] | None = None):
+    """A decorator adding one click option per TrainConfig field (booleans as `--x [BOOL]` and `--no-x`);
+    `defaults` are the command's own defaults where they differ from TrainConfig's (pass them to
+    `config_from_options` too)."""
 
     def decorate(command):
         for f in reversed(fields(TrainConfig)):
-            if f.name in exclude:
-                continue
+            default = (defaults or {}).get(f.name, f.default)
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata["help"]
             choices = f.metadata.get("choices")
@@ -186,18 +190,19 @@ def config_options(exclude: tuple[str, ...] = ()):
             kind = {"int": int, "float": float}.get(str(f.type), str)
             if choices:
                 kind = click.Choice([str(c) for c in choices])
-            command = click.option(flag, f.name, type=kind, default=f.default, show_default=f.default is not None,
+            command = click.option(flag, f.name, type=kind, default=default, show_default=default is not None,
                                    help=help_text)(command)
         return command
 
     return decorate
 
 
-def config_from_options(options: dict[str, Any]) -> TrainConfig:
+def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None) -> TrainConfig:
     """Build a validated TrainConfig from the keyword arguments click passed; pops what it uses.
 
     With --preset, a flag overrides the preset when it was given on the command line; under
     `mlflow run`, which passes every parameter, when it also differs from the default.
+    `defaults` (the command's own, as given to `config_options`) apply under the preset's values.
     """
     context = click.get_current_context(silent=True)
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
@@ -213,7 +218,8 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
             value = int(value)
         given = negated or context is None or context.get_parameter_source(f.name) not in (
             ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-        if given and not (under_mlflow_run and value == f.default):
+        if given and not (under_mlflow_run and value == (defaults or {}).get(f.name, f.default)):
             values[f.name] = value
     preset = values.pop("preset", "default")
-    return TrainConfig.from_preset(preset, **values).validate()
+    own = {k: v for k, v in (defaults or {}).items() if k not in PRESETS.get(preset, {})}
+    return TrainConfig.from_preset(preset, **{**own, **values}).validate()

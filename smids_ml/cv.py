@@ -125,8 +125,8 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
 
 @click.command("cv")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
-              help="Number of folds; each is the test set once. --valid-frac is taken from the other folds, "
-                   "--test-frac is not used.")
+              help="Number of folds; each is the test set once. A --valid-frac part (none by default) is carved "
+                   "from the other folds; --test-frac is not used.")
 @config_options()
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="Name of the parent run.")

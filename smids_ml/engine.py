@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
+from torchvision.transforms import v2
 
 from smids_ml.config import TrainConfig
 
@@ -59,9 +60,9 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# Networks measured faster under CPU bf16 autocast (resnet18 at 96 px: about 2x on an AMX CPU);
-# the small study CNNs gained nothing there, and smids_resnet has not been measured on such a CPU.
-BF16_CPU_GAINS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
+# Networks measured faster under CPU bf16 autocast: resnet18 at 96 px about 2x on an AMX CPU, smids_resnet
+# 1.6x per 5-fold run on an AVX512-BF16 one at the same cross-validated accuracy; the small study CNNs gained nothing.
+BF16_CPU_GAINS = ("smids_resnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
 
 
 def resolve_precision(precision: str, device: torch.device, model: str) -> str:
@@ -97,15 +98,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, precision: str = "fp32",
-                    step_scheduler=None) -> dict:
+                    step_scheduler=None, mix: v2.Transform | None = None) -> dict:
+    """One pass over the training batches; `mix` (MixUp) blends each batch and its labels before the step,
+    and train_acc then counts the dominant label of each blend."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for images, targets in batches:
         images, targets = _to_device(images, device), targets.to(device)
+        labels = targets
+        if mix is not None:
+            images, labels = mix(images, targets)
+            targets = labels.argmax(1)
         with _autocast(device, precision):
             logits = model(images)
-            loss = criterion(logits.float(), targets)
+            loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -162,7 +169,7 @@ class History:
         return self.epochs[self.best_epoch - 1]
 
 
-def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
+def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device, num_classes: int,
         callbacks: Iterable[Callback] = ()) -> History:
     """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights.
     Without validation batches (--valid-frac 0) the whole schedule runs and the last epoch is kept."""
@@ -171,6 +178,7 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
     scheduler, per_step = make_scheduler(optimizer, cfg, len(batches["train"]))
     precision = resolve_precision(cfg.precision, device, cfg.model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mix = v2.MixUp(alpha=cfg.mixup, num_classes=num_classes) if cfg.mixup > 0 else None
     sign = -1.0 if cfg.monitor == "valid_loss" else 1.0
     history, best_score, best_state, waited = History(), -float("inf"), None, 0
     validating = len(batches["valid"]) > 0
@@ -178,7 +186,7 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         metrics = train_one_epoch(model, batches["train"], optimizer, criterion, device, precision,
-                                  scheduler if per_step else None)
+                                  scheduler if per_step else None, mix)
         if validating:
             metrics.update(evaluate(model, batches["valid"], device, "valid", precision))
         metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start)

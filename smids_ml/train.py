@@ -86,7 +86,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
                          + f" ({metrics['epoch_seconds']:.0f} s)")
             bar.update(1)
 
-        history = fit(network, batches, cfg, device, callbacks=[tracking.epoch_logger, show, *callbacks])
+        history = fit(network, batches, cfg, device, len(dataset.classes), callbacks=[tracking.epoch_logger, show, *callbacks])
     log_outcome(history, network, batches["valid"], dataset, cfg, device)
     result = TrainResult(run.info.run_id, history, network, dataset)
     if log_model:

@@ -43,6 +43,8 @@ from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, run_training, use_e
 
 JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
 DEFAULT_TPE_TRIALS = 20
+# Trials are ranked, pruned and early-stopped on validation, so tune carves one even where train's default does not.
+TUNE_DEFAULTS = {"valid_frac": 0.15}
 RUN_ID_ATTR = "mlflow_run_id"
 CHALLENGER = "challenger"  # every study's newly registered best; --alias (champion) moves only when it wins
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -556,12 +558,12 @@ def _run_exists(run_id: str) -> bool:
               help="Register the ensemble of the best K trials (sharing the best's input size and colour mode): "
                    "one model that averages their probabilities.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
-@config_options()
+@config_options(TUNE_DEFAULTS)
 @stops_cleanly("the running trial is marked FAIL and its run FAILED; run the same command again to resume")
 def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
          storage, register_as, alias, promote, heartbeat, ensemble_top, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
-    base = config_from_options(options)
+    base = config_from_options(options, TUNE_DEFAULTS)
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
                           pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat)

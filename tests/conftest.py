@@ -27,7 +27,8 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_TMP}/default-mlflow.db
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # mlflow run/serve exec python and uvicorn from PATH
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-TINY = dict(image_size=32, epochs=2, patience=0, batch=16, lr=1e-3, model="improved_cnn", num_threads=1)
+# with a validation split (train's default has none): most tests look at what validation records
+TINY = dict(image_size=32, epochs=2, patience=0, batch=16, lr=1e-3, model="improved_cnn", num_threads=1, valid_frac=0.15)
 
 
 def free_port() -> int:
@@ -36,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:

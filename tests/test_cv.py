@@ -47,7 +47,7 @@ def test_without_validation_each_fold_trains_on_all_other_folds(synth_data, trac
     from smids_ml.config import TrainConfig
     from smids_ml.cv import cross_validate
 
-    cfg = TrainConfig(data=str(synth_data), **TINY, valid_frac=0).validate()
+    cfg = TrainConfig(data=str(synth_data), **{**TINY, "valid_frac": 0}).validate()
     result = cross_validate(cfg, folds=2, experiment=tracking)
     assert list(result.folds["n_valid"]) == [0, 0]
     assert list(result.folds["n_train"] + result.folds["n_test"]) == [36, 36]

@@ -40,6 +40,14 @@ def test_mlproject_train_parameters_are_trainconfig_fields_with_the_same_default
         assert str(declared) == str(expected), f.name
 
 
+def test_mlproject_tune_defaults_are_the_tune_commands_own():
+    from smids_ml.tune import TUNE_DEFAULTS
+
+    params = mlproject()["entry_points"]["tune"]["parameters"]
+    for name, default in TUNE_DEFAULTS.items():
+        assert params[name]["default"] == default, name
+
+
 def test_every_entry_point_command_parses_with_its_defaults():
     project = mlproject()
     assert project["conda_env"] == "conda.yaml"

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from smids_ml.config import TrainConfig, config_from_options
 from smids_ml.data import normalize, open_image, prepare_image
-from smids_ml.engine import resolve_precision
+from smids_ml.engine import cpu_has_native_bf16, resolve_precision
 from smids_ml.train import main as train_command
 from smids_ml.train import train
 from tests.conftest import ROOT, TINY
@@ -85,6 +85,16 @@ def test_same_seed_gives_the_same_metrics(tracking, synth_data):
     assert other[-1]["train_loss"] != first[-1]["train_loss"]
 
 
+def test_mixup_blends_the_training_batches_reproducibly(tracking, synth_data):
+    cfg = TrainConfig(data=str(synth_data), **TINY, mixup=0.4).validate()
+    first = train(cfg, experiment=tracking).history.epochs
+    second = train(cfg, experiment=tracking).history.epochs
+    plain = train(cfg.replace(mixup=0.0), experiment=tracking).history.epochs
+    assert [e["train_loss"] for e in first] == [e["train_loss"] for e in second]
+    assert all(np.isfinite(e["train_loss"]) for e in first)
+    assert first[0]["train_loss"] != plain[0]["train_loss"]  # same seed, same batches: only the blending differs
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--lr", "0"], "--lr must be greater than 0"),
@@ -92,6 +102,7 @@ def test_same_seed_gives_the_same_metrics(tracking, synth_data):
     (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     (["--batch", "0"], "--batch must be at least 1"),
     (["--width", "2"], "--width must be at least 4"),
+    (["--mixup", "-0.2"], "--mixup must be 0 or more"),
     (["--valid-frac", "0", "--patience", "3"], "--patience 3 needs a validation split"),
 ])
 def test_bad_values_fail_before_any_run(tracking, synth_data, flags, message):
@@ -122,6 +133,21 @@ def config_of(args: list[str]) -> TrainConfig:
     """The config `train ARGS` would run with (parsed by the real command)."""
     with train_command.make_context("train", args) as context:
         return config_from_options(dict(context.params))
+
+
+def test_tune_carves_a_validation_split_unless_a_preset_or_flag_says_otherwise(monkeypatch):
+    from smids_ml.tune import TUNE_DEFAULTS
+    from smids_ml.tune import main as tune_command
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+
+    def tune_config(args):
+        with tune_command.make_context("tune", args) as context:
+            return config_from_options(dict(context.params), TUNE_DEFAULTS)
+
+    assert config_of([]).valid_frac == 0 and tune_config([]).valid_frac == 0.15
+    assert tune_config(["--preset", "original"]).valid_frac == 0.09
+    assert tune_config(["--valid-frac", "0.2"]).valid_frac == 0.2
 
 
 def test_presets_set_a_recipe_and_explicit_flags_override_it(monkeypatch):
@@ -176,10 +202,10 @@ def test_without_a_validation_split_the_schedule_runs_out_and_the_last_epoch_is_
     manifest = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="manifest.csv"))
     assert "valid" not in set(pd.read_csv(manifest)["split"])
     # the manifest is reused as it is with --valid-frac 0, and refused where validation is expected
-    again = invoke(["train", "--data", str(synth_data), "--experiment", tracking, "--split-manifest", str(manifest),
-                    *flags[:-1], "--valid-frac", "0"])
+    reuse = ["train", "--data", str(synth_data), "--experiment", tracking, "--split-manifest", str(manifest), *flags]
+    again = invoke(reuse)
     assert again.exit_code == 0, again.output
-    refused = invoke(["train", "--data", str(synth_data), "--experiment", tracking, "--split-manifest", str(manifest)])
+    refused = invoke([*reuse, "--valid-frac", "0.15"])
     assert_one_line_error(refused, str(manifest), "has no valid rows")
 
 
@@ -188,6 +214,8 @@ def test_bf16_precision_trains_on_the_cpu_and_auto_picks_by_device(tracking, syn
     history = train(cfg, experiment=tracking).history
     assert all(np.isfinite(epoch["train_loss"]) for epoch in history.epochs)
     assert resolve_precision("auto", torch.device("cpu"), "improved_cnn") == "fp32"
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu"), "smids_resnet") == native
     assert resolve_precision("auto", torch.device("cuda"), "smids_resnet") == "bf16"
     assert resolve_precision("fp32", torch.device("cuda"), "resnet18") == "fp32"
 
