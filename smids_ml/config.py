@@ -75,7 +75,7 @@ class TrainConfig:
                           "(32: 1.2 M parameters; compute grows with the square).")
     dropout_rate: float = _opt(0.2, "Dropout before the classifier.")
     # optimisation
-    epochs: int = _opt(100, "Number of epochs (the schedule spans them all).")
+    epochs: int = _opt(200, "Number of epochs (the schedule spans them all).")
     patience: int = _opt(0, "Stop after this many epochs without improvement of --monitor (0: never stop early, "
                             "so a decaying schedule always finishes).")
     batch: int = _opt(32, "Batch size.")
