@@ -9,10 +9,12 @@ A recipe is a preset name, optionally followed by `+field=value` overrides of Tr
 Every recipe row is `smids_ml.cv.cross_validate` (the code `smids-ml cv` runs), logged to MLflow
 (experiment `smids-ml-bench-accuracy`): test accuracy and macro F1 as mean ± std over the folds.
 
-The ensemble row never scores an image that a member trained or was selected on: one stratified
-fold (1/k of the data) is held out; k-fold cross-validation of the first recipe on the rest trains
-the k members; the ensemble (mean of their probabilities) and each member are scored on the
-held-out images.
+The ensemble rows never score an image that a member trained or was selected on: one stratified
+fold (1/k of the data) is held out, k members of the first recipe train on the rest, and the
+ensemble (mean of their probabilities) and each member are scored on the held-out images. With
+`--ensemble-of folds` the members are the k fold models of cross-validation on the rest (what
+`smids-ml cv --register-as` registers: each sees (k-1)/k of it); with `--ensemble-of seeds` they
+are k seeds trained on all of it (what `smids-ml train --members k` registers).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
 
 from benchmarks.common import machine, table
@@ -31,7 +34,7 @@ from smids_ml.config import PRESETS, TrainConfig
 from smids_ml.cv import cross_validate
 from smids_ml.data import Dataset, assign_folds, load_tensors, make_batches
 from smids_ml.engine import classification_metrics, predict_proba, resolve_device
-from smids_ml.train import prepare_data
+from smids_ml.train import prepare_data, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smids-dev"
 EXPERIMENT = "smids-ml-bench-accuracy"
@@ -66,20 +69,29 @@ def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> list:
             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{minutes:.1f}"]
 
 
-def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int) -> list[list]:
-    """Hold out one fold; cross-validate on the rest; score the k members and their mean on the held-out fold."""
+def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "folds") -> list[list]:
+    """Hold out one fold; train the k members on the rest; score them and their mean on the held-out fold."""
     dataset = prepare_data(cfg)
     outer = assign_folds(dataset.manifest, folds, cfg.seed + 1)
     held_out = Dataset(dataset.root, dataset.manifest[outer == 0].assign(split="test").reset_index(drop=True),
                        dataset.classes)
     rest = Dataset(dataset.root, dataset.manifest[outer != 0].reset_index(drop=True), dataset.classes)
     start = time.perf_counter()
-    result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} {folds}-model ensemble", dataset=rest)
+    if members_of == "folds":
+        result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} {folds}-fold ensemble", dataset=rest)
+        run_id, networks = result.run_id, result.networks
+        described = f"{folds} fold models of CV on the rest"
+    else:
+        both = Dataset(dataset.root, pd.concat([rest.manifest.assign(split="train"), held_out.manifest],
+                                               ignore_index=True), dataset.classes)
+        result = train(cfg, EXPERIMENT, f"bench {recipe} {folds}-seed ensemble", members=folds, dataset=both)
+        run_id, networks = result.run_id, result.networks
+        described = f"{folds} seeds trained on all the rest"
     minutes = (time.perf_counter() - start) / 60 / folds
     device = resolve_device(cfg.device)
     images = load_tensors(held_out, cfg.image_size, cfg.channels, cfg.resize)
     batches = make_batches(held_out, images, 128, augment=False, strength=0.0, seed=0, device=device)["test"]
-    scored = [predict_proba(network, batches, device) for network in result.networks]
+    scored = [predict_proba(network, batches, device) for network in networks]
     targets = scored[0][1]
     members = [classification_metrics(targets, probs, "holdout") for probs, _ in scored]
     mean = classification_metrics(targets, np.mean([probs for probs, _ in scored], axis=0), "holdout")
@@ -87,9 +99,9 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int) -> list[list]:
     for key, value in {"holdout_ensemble_accuracy": mean["holdout_acc"], "holdout_ensemble_f1_macro": mean["holdout_f1"],
                        "holdout_members_accuracy_mean": float(np.mean([m["holdout_acc"] for m in members])),
                        "holdout_images": len(targets)}.items():
-        client.log_metric(result.run_id, key, value)
+        client.log_metric(run_id, key, value)
     accs, f1s = [m["holdout_acc"] for m in members], [m["holdout_f1"] for m in members]
-    return [[f"its {folds} members, each alone, on the same {len(targets)} held-out images",
+    return [[f"its members ({described}), each alone, on the same {len(targets)} held-out images",
              f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}",
              f"{np.mean(f1s):.4f} ± {np.std(f1s, ddof=1):.4f}", f"{minutes:.1f}"],
             [f"{recipe}: {folds}-model ensemble (mean of probabilities), {len(targets)} held-out images",
@@ -105,10 +117,13 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int) -> list[list]:
                    "overrides; the first one is also the ensemble's.")
 @click.option("--cv/--no-cv", "cv_rows", default=True, show_default=True, help="The k-fold row of each recipe.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="Add the held-out ensemble rows.")
+@click.option("--ensemble-of", type=click.Choice(["folds", "seeds"]), default="folds", show_default=True,
+              help="Ensemble members: the k fold models of CV on the non-held-out data (cv --register-as), or k "
+                   "seeds trained on all of it (train --members k).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
-def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, epochs: int | None, image_size: int | None,
+def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str, epochs: int | None, image_size: int | None,
          num_threads: int) -> None:
     """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
     if not data.is_dir():
@@ -123,7 +138,7 @@ def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ep
         rows.append(cv_row(name, recipe_config(name, data, overrides), folds))
         print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows[-1:]), flush=True)
     if ensemble:
-        rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds)
+        rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds, ensemble_of)
     print()
     print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows))
 

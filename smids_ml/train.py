@@ -2,10 +2,15 @@
 
 Under `mlflow run` the script attaches to the run MLflow created (MLFLOW_RUN_ID) instead of
 opening a second one; `tune` calls `run_training` inside its own nested runs.
+
+With `--members K`, K models train on the same split (seeds seed, seed+1, ...), each in a nested
+run, and are logged on the parent run as one model that averages their probabilities: every member
+sees all the training images, unlike the fold models of `cv --register-as`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ class TrainResult:
     dataset: Dataset
     model_uri: str | None = None
     version: str | None = None
+    networks: list = dataclasses.field(default_factory=list)  # every member, with --members
 
 
 def prepare_data(cfg: TrainConfig) -> Dataset:
@@ -115,18 +121,42 @@ def log_outcome(history: History, network, valid_batches, dataset: Dataset, cfg:
 
 
 def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
-          register_as: str | None = None, alias: str | None = None) -> TrainResult:
-    """Prepare data, train in a new (or `mlflow run`'s) run, optionally register the model."""
-    dataset = prepare_data(cfg)
+          register_as: str | None = None, alias: str | None = None, members: int = 1,
+          dataset: Dataset | None = None) -> TrainResult:
+    """Prepare data (unless given), train in a new (or `mlflow run`'s) run, optionally register the model.
+    With `members` > 1 the result's history and network are the first member's; `networks` has them all."""
+    dataset = dataset or prepare_data(cfg)
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name):
-        result = run_training(cfg, dataset)
+        if members == 1:
+            result = run_training(cfg, dataset)
+        else:
+            result = train_members(cfg, dataset, members)
         if register_as:
             score = result.history.best.get(cfg.monitor)
             version = tracking.register(result.model_uri, register_as, alias, tags={
-                "run_id": result.run_id, **({f"valid_{cfg.monitor}": score} if score is not None else {})})
+                "run_id": result.run_id, **({"members": members} if members > 1 else {}),
+                **({f"valid_{cfg.monitor}": score} if score is not None and members == 1 else {})})
             result.version = version.version
     return result
+
+
+def train_members(cfg: TrainConfig, dataset: Dataset, members: int) -> TrainResult:
+    """`members` seeds trained on the same split in nested runs, logged as one averaging model on the active run."""
+    run = mlflow.active_run()
+    tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()}, "members": members,
+                             "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
+    results = []
+    for i in range(members):
+        with mlflow.start_run(run_name=f"member {i + 1}/{members}", nested=True):
+            mlflow.set_tag("member", i)
+            results.append(run_training(dataclasses.replace(cfg, seed=cfg.seed + i), dataset, log_model=False))
+    first = results[0]
+    model_uri = tracking.log_model([(r.network, cfg) for r in results], dataset).model_uri
+    return TrainResult(run.info.run_id, first.history, first.network, dataset, model_uri,
+                       networks=[r.network for r in results])
 
 
 @click.command("train")
@@ -135,13 +165,16 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
 @click.option("--run-name", default=None, help="MLflow run name.")
 @click.option("--register-as", default=None, help="Register the model under this name in the model registry.")
 @click.option("--alias", default=None, help="Alias to point at the registered version (e.g. champion).")
+@click.option("--members", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train this many models (seeds --seed, --seed+1, ...) on the same split and log them as one "
+                   "model that averages their probabilities; K times the training time.")
 @stops_cleanly("the run is marked FAILED")
-def main(experiment, run_name, register_as, alias, **options):
-    """Train one model on a folder of class folders and log everything to MLflow."""
+def main(experiment, run_name, register_as, alias, members, **options):
+    """Train one model (or an ensemble of --members) on a folder of class folders and log everything to MLflow."""
     cfg = config_from_options(options)
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
-    result = train(cfg, experiment, run_name, register_as, alias)
+    result = train(cfg, experiment, run_name, register_as, alias, members)
     history, best = result.history, result.history.best
     if "valid_acc" in best:
         click.echo(f"run {result.run_id}: best epoch {history.best_epoch}/{len(history.epochs)}, "
@@ -149,6 +182,8 @@ def main(experiment, run_name, register_as, alias, **options):
     else:
         click.echo(f"run {result.run_id}: kept the last epoch ({history.best_epoch}; no validation split), "
                    f"train_acc {best['train_acc']:.4f} on augmented batches")
+    if members > 1:
+        click.echo(f"logged the {members}-model ensemble as {result.model_uri} (the line above is member 1)")
     if result.version:
         click.echo(f"registered models:/{register_as}/{result.version}" + (f" (@{alias})" if alias else ""))
 

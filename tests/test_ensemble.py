@@ -113,3 +113,36 @@ def test_a_single_model_scores_a_foreign_folder_without_its_training_images(trai
                      "--experiment", tracking])
     assert result.exit_code == 0, result.output
     assert "left out 1 of 10 images" in result.output and "9 images of split all" in result.output
+
+
+def test_train_members_logs_one_model_of_seeds_that_all_saw_the_whole_training_split(tracking, synth_data, tmp_path):
+    result = invoke(["train", "--data", str(synth_data), *TINY_FLAGS, "--members", "2", "--experiment", tracking,
+                     "--register-as", "seeds", "--alias", "both"])
+    assert result.exit_code == 0, result.output
+    assert "logged the 2-model ensemble" in result.output and "registered models:/seeds/1 (@both)" in result.output
+    [parent] = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.mlflow.parentRunId IS NULL",
+                                  output_format="list")
+    children = mlflow.search_runs(experiment_names=[tracking], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.params["seed"] for r in children) == ["42", "43"]
+    assert parent.data.params["members"] == "2"
+    manifests = [pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="manifest.csv",
+                                                                 dst_path=str(tmp_path / r.info.run_id)))
+                 for r in [parent, *children]]
+    for manifest in manifests[1:]:  # one split, shared by every member and recorded on the parent
+        pd.testing.assert_frame_equal(manifest, manifests[0])
+
+    model = load_classifier("models:/seeds@both")
+    assert len(model.networks) == 2
+    cfg = model.config
+    files = sorted((synth_data / "Normal_Sperm").glob("*.bmp"))[:4]
+    batch = torch.stack([prepare_image(open_image(f), cfg.image_size, cfg.channels, cfg.resize) for f in files])
+    with torch.no_grad():
+        alone = [torch.softmax(network(normalize(batch)), 1).numpy() for network in model.networks]
+    assert not np.allclose(alone[0], alone[1])
+    np.testing.assert_allclose(model.probabilities(batch), np.mean(alone, axis=0), atol=1e-6)
+
+    result = invoke(["evaluate", "models:/seeds@both", "--experiment", tracking])  # its own held-out test split
+    assert result.exit_code == 0, result.output
+    test_rows = manifests[0]["split"].eq("test").sum()
+    assert f"{test_rows} images of split test" in result.output
