@@ -144,16 +144,16 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
 def train_members(cfg: TrainConfig, dataset: Dataset, members: int) -> TrainResult:
     """`members` seeds trained on the same split in nested runs, logged as one averaging model on the active run."""
     run = mlflow.active_run()
-    tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()}, "members": members,
-                             "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
     results = []
     for i in range(members):
         with mlflow.start_run(run_name=f"member {i + 1}/{members}", nested=True):
             mlflow.set_tag("member", i)
             results.append(run_training(dataclasses.replace(cfg, seed=cfg.seed + i), dataset, log_model=False))
     first = results[0]
+    tracking.log_run_context(cfg, dataset, count_parameters(first.network))
+    tracking.log_new_params({"members": members})
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
     model_uri = tracking.log_model([(r.network, cfg) for r in results], dataset).model_uri
     return TrainResult(run.info.run_id, first.history, first.network, dataset, model_uri,
                        networks=[r.network for r in results])

@@ -126,6 +126,8 @@ def test_train_members_logs_one_model_of_seeds_that_all_saw_the_whole_training_s
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.params["seed"] for r in children) == ["42", "43"]
     assert parent.data.params["members"] == "2"
+    for key in ("data_fingerprint", "n_train", "n_test", "num_parameters"):  # the parent describes what they share
+        assert {parent.data.params[key]} == {r.data.params[key] for r in children}, key
     manifests = [pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="manifest.csv",
                                                                  dst_path=str(tmp_path / r.info.run_id)))
                  for r in [parent, *children]]
