@@ -79,14 +79,13 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
     start = time.perf_counter()
     if members_of == "folds":
         result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} {folds}-fold ensemble", dataset=rest)
-        run_id, networks = result.run_id, result.networks
         described = f"{folds} fold models of CV on the rest"
     else:
         both = Dataset(dataset.root, pd.concat([rest.manifest.assign(split="train"), held_out.manifest],
                                                ignore_index=True), dataset.classes)
         result = train(cfg, EXPERIMENT, f"bench {recipe} {folds}-seed ensemble", members=folds, dataset=both)
-        run_id, networks = result.run_id, result.networks
         described = f"{folds} seeds trained on all the rest"
+    run_id, networks = result.run_id, result.networks
     minutes = (time.perf_counter() - start) / 60 / folds
     device = resolve_device(cfg.device)
     images = load_tensors(held_out, cfg.image_size, cfg.channels, cfg.resize)
@@ -123,8 +122,8 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
-def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str, epochs: int | None, image_size: int | None,
-         num_threads: int) -> None:
+def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str, epochs: int | None,
+         image_size: int | None, num_threads: int) -> None:
     """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
     if not data.is_dir():
         raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "

@@ -42,7 +42,7 @@ class TrainResult:
     dataset: Dataset
     model_uri: str | None = None
     version: str | None = None
-    networks: list = dataclasses.field(default_factory=list)  # every member, with --members
+    networks: list = dataclasses.field(default_factory=list)  # every member ([network] for a single model)
 
 
 def prepare_data(cfg: TrainConfig) -> Dataset:
@@ -94,7 +94,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
 
         history = fit(network, batches, cfg, device, len(dataset.classes), callbacks=[tracking.epoch_logger, show, *callbacks])
     log_outcome(history, network, batches["valid"], dataset, cfg, device)
-    result = TrainResult(run.info.run_id, history, network, dataset)
+    result = TrainResult(run.info.run_id, history, network, dataset, networks=[network])
     if log_model:
         result.model_uri = tracking.log_model([(network, cfg)], dataset).model_uri
     return result
@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
           register_as: str | None = None, alias: str | None = None, members: int = 1,
           dataset: Dataset | None = None) -> TrainResult:
     """Prepare data (unless given), train in a new (or `mlflow run`'s) run, optionally register the model.
-    With `members` > 1 the result's history and network are the first member's; `networks` has them all."""
+    With `members` > 1 the result's history and network are the first member's; `networks` holds them all."""
     dataset = dataset or prepare_data(cfg)
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name):
