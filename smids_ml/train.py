@@ -42,7 +42,10 @@ class TrainResult:
     dataset: Dataset
     model_uri: str | None = None
     version: str | None = None
-    networks: list = dataclasses.field(default_factory=list)  # every member ([network] for a single model)
+    networks: list = dataclasses.field(default_factory=list)  # every member; [network] for a single model
+
+    def __post_init__(self):
+        self.networks = self.networks or [self.network]
 
 
 def prepare_data(cfg: TrainConfig) -> Dataset:
@@ -94,7 +97,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
 
         history = fit(network, batches, cfg, device, len(dataset.classes), callbacks=[tracking.epoch_logger, show, *callbacks])
     log_outcome(history, network, batches["valid"], dataset, cfg, device)
-    result = TrainResult(run.info.run_id, history, network, dataset, networks=[network])
+    result = TrainResult(run.info.run_id, history, network, dataset)
     if log_model:
         result.model_uri = tracking.log_model([(network, cfg)], dataset).model_uri
     return result
@@ -114,6 +117,11 @@ def log_outcome(history: History, network, valid_batches, dataset: Dataset, cfg:
         tracking.log_figure(plots.confusion_matrix(targets, probs.argmax(1), dataset.classes,
                                                    title="Validation confusion matrix (best epoch)"),
                             "plots/valid_confusion_matrix.png")
+    log_split_and_config(dataset, cfg)
+
+
+def log_split_and_config(dataset: Dataset, cfg: TrainConfig) -> None:
+    """manifest.csv (what `evaluate` scores and leaves out) and config.json on the active run."""
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
         (Path(tmp) / "config.json").write_text(cfg.to_json())
@@ -152,8 +160,7 @@ def train_members(cfg: TrainConfig, dataset: Dataset, members: int) -> TrainResu
     first = results[0]
     tracking.log_run_context(cfg, dataset, count_parameters(first.network))
     tracking.log_new_params({"members": members})
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
+    log_split_and_config(dataset, cfg)
     model_uri = tracking.log_model([(r.network, cfg) for r in results], dataset).model_uri
     return TrainResult(run.info.run_id, first.history, first.network, dataset, model_uri,
                        networks=[r.network for r in results])

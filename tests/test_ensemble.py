@@ -5,6 +5,7 @@ and leaves out what the training run saw."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -60,8 +61,12 @@ def test_the_ensemble_averages_its_fold_models(ensemble, foreign):
     cfg = model.config
     assert cfg.model == "smids_resnet" and cfg.width == 8
     assert model.networks[0].features[0].out_channels == 8  # rebuilt at the width it trained with
-    batch = torch.stack([prepare_image(open_image(f), cfg.image_size, cfg.channels, cfg.resize)
-                         for f in files_of(foreign)])
+    assert_averages_two_different_members(model, files_of(foreign))
+
+
+def assert_averages_two_different_members(model, files) -> None:
+    cfg = model.config
+    batch = torch.stack([prepare_image(open_image(f), cfg.image_size, cfg.channels, cfg.resize) for f in files])
     with torch.no_grad():
         alone = [torch.softmax(network(normalize(batch)), 1).numpy() for network in model.networks]
     assert not np.allclose(alone[0], alone[1])  # two different members
@@ -133,16 +138,13 @@ def test_train_members_logs_one_model_of_seeds_that_all_saw_the_whole_training_s
                  for r in [parent, *children]]
     for manifest in manifests[1:]:  # one split, shared by every member and recorded on the parent
         pd.testing.assert_frame_equal(manifest, manifests[0])
+    config = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="config.json",
+                                                 dst_path=str(tmp_path / "parent-config"))
+    assert json.loads(open(config).read())["seed"] == 42  # the recipe, with the first member's seed
 
     model = load_classifier("models:/seeds@both")
     assert len(model.networks) == 2
-    cfg = model.config
-    files = sorted((synth_data / "Normal_Sperm").glob("*.bmp"))[:4]
-    batch = torch.stack([prepare_image(open_image(f), cfg.image_size, cfg.channels, cfg.resize) for f in files])
-    with torch.no_grad():
-        alone = [torch.softmax(network(normalize(batch)), 1).numpy() for network in model.networks]
-    assert not np.allclose(alone[0], alone[1])
-    np.testing.assert_allclose(model.probabilities(batch), np.mean(alone, axis=0), atol=1e-6)
+    assert_averages_two_different_members(model, sorted((synth_data / "Normal_Sperm").glob("*.bmp"))[:4])
 
     result = invoke(["evaluate", "models:/seeds@both", "--experiment", tracking])  # its own held-out test split
     assert result.exit_code == 0, result.output
