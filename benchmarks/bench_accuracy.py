@@ -3,6 +3,7 @@
     python -m benchmarks.bench_accuracy                      # default and original, 5 folds, smids-dev
     python -m benchmarks.bench_accuracy --recipes default --folds 3 --epochs 15    # a quick screen
     python -m benchmarks.bench_accuracy --recipes default,default+image_size=128 --folds 3 --no-ensemble
+    python -m benchmarks.bench_accuracy --recipes default --no-cv --ensemble-of seeds --members 3 --outer-folds 5
 
 A recipe is a preset name, optionally followed by `+field=value` overrides of TrainConfig fields.
 
@@ -10,16 +11,19 @@ Every recipe row is `smids_ml.cv.cross_validate` (the code `smids-ml cv` runs), 
 (experiment `smids-ml-bench-accuracy`): test accuracy and macro F1 as mean ± std over the folds.
 
 The ensemble rows never score an image that a member trained or was selected on: one stratified
-fold (1/k of the data) is held out, k members of the first recipe train on the rest, and the
+fold (1/k of the data) is held out, the members of the first recipe train on the rest, and the
 ensemble (mean of their probabilities) and each member are scored on the held-out images. With
-`--ensemble-of folds` the members are the k fold models of cross-validation on the rest (what
-`smids-ml cv --register-as` registers: each sees (k-1)/k of it); with `--ensemble-of seeds` they
-are k seeds trained on all of it (what `smids-ml train --members k` registers).
+`--ensemble-of folds` the members are the fold models of cross-validation on the rest (what
+`smids-ml cv --register-as` registers: each sees (m-1)/m of it); with `--ensemble-of seeds` they
+are seeds trained on all of it (what `smids-ml train --members m` registers). `--outer-folds`
+repeats this with each of the first n folds held out in turn (n = k: nested cross-validation,
+every image scored once), so the ensemble's figure does not rest on one fold of the data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from benchmarks.common import machine, table
 from smids_ml import SmidsError
 from smids_ml.config import PRESETS, TrainConfig
 from smids_ml.cv import cross_validate
-from smids_ml.data import Dataset, assign_folds, load_tensors, make_batches
+from smids_ml.data import Dataset, assign_folds, load_tensors, make_batches, write_manifest
 from smids_ml.engine import classification_metrics, predict_proba, resolve_device
 from smids_ml.train import prepare_data, train
 
@@ -69,42 +73,66 @@ def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> list:
             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{minutes:.1f}"]
 
 
-def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "folds") -> list[list]:
-    """Hold out one fold; train the k members on the rest; score them and their mean on the held-out fold."""
-    dataset = prepare_data(cfg)
-    outer = assign_folds(dataset.manifest, folds, cfg.seed + 1)
-    held_out = Dataset(dataset.root, dataset.manifest[outer == 0].assign(split="test").reset_index(drop=True),
+def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Series, members: int, members_of: str,
+                   label: str) -> dict:
+    """Train `members` models without the `held` rows; score each of them and their mean on those rows.
+    The held-out rows go to the run as holdout.csv, beside the manifest.csv of what the members saw."""
+    held_out = Dataset(dataset.root, dataset.manifest[held].assign(split="test").reset_index(drop=True),
                        dataset.classes)
-    rest = Dataset(dataset.root, dataset.manifest[outer != 0].reset_index(drop=True), dataset.classes)
+    rest = Dataset(dataset.root, dataset.manifest[~held].reset_index(drop=True), dataset.classes)
     start = time.perf_counter()
     if members_of == "folds":
-        result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} {folds}-fold ensemble", dataset=rest)
-        described = f"{folds} fold models of CV on the rest"
+        result = cross_validate(cfg, members, EXPERIMENT, run_name=f"bench {recipe} {members}-fold ensemble{label}",
+                                dataset=rest)
     else:
         both = Dataset(dataset.root, pd.concat([rest.manifest.assign(split="train"), held_out.manifest],
                                                ignore_index=True), dataset.classes)
-        result = train(cfg, EXPERIMENT, f"bench {recipe} {folds}-seed ensemble", members=folds, dataset=both)
-        described = f"{folds} seeds trained on all the rest"
-    run_id, networks = result.run_id, result.networks
-    minutes = (time.perf_counter() - start) / 60 / folds
+        result = train(cfg, EXPERIMENT, f"bench {recipe} {members}-seed ensemble{label}", members=members, dataset=both)
+    minutes = (time.perf_counter() - start) / 60 / members
     device = resolve_device(cfg.device)
     images = load_tensors(held_out, cfg.image_size, cfg.channels, cfg.resize)
     batches = make_batches(held_out, images, 128, augment=False, strength=0.0, seed=0, device=device)["test"]
-    scored = [predict_proba(network, batches, device) for network in networks]
+    scored = [predict_proba(network, batches, device) for network in result.networks]
     targets = scored[0][1]
-    members = [classification_metrics(targets, probs, "holdout") for probs, _ in scored]
+    alone = [classification_metrics(targets, probs, "holdout") for probs, _ in scored]
     mean = classification_metrics(targets, np.mean([probs for probs, _ in scored], axis=0), "holdout")
     client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_manifest(held_out, Path(tmp) / "holdout.csv")
+        client.log_artifact(result.run_id, str(path))
     for key, value in {"holdout_ensemble_accuracy": mean["holdout_acc"], "holdout_ensemble_f1_macro": mean["holdout_f1"],
-                       "holdout_members_accuracy_mean": float(np.mean([m["holdout_acc"] for m in members])),
+                       "holdout_members_accuracy_mean": float(np.mean([m["holdout_acc"] for m in alone])),
                        "holdout_images": len(targets)}.items():
-        client.log_metric(run_id, key, value)
-    accs, f1s = [m["holdout_acc"] for m in members], [m["holdout_f1"] for m in members]
-    return [[f"its members ({described}), each alone, on the same {len(targets)} held-out images",
-             f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}",
-             f"{np.mean(f1s):.4f} ± {np.std(f1s, ddof=1):.4f}", f"{minutes:.1f}"],
-            [f"{recipe}: {folds}-model ensemble (mean of probabilities), {len(targets)} held-out images",
-             f"{mean['holdout_acc']:.4f}", f"{mean['holdout_f1']:.4f}", ""]]
+        client.log_metric(result.run_id, key, value)
+    return {"member_acc": [m["holdout_acc"] for m in alone], "member_f1": [m["holdout_f1"] for m in alone],
+            "acc": mean["holdout_acc"], "f1": mean["holdout_f1"], "images": len(targets), "minutes": minutes}
+
+
+def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "folds", members: int | None = None,
+                  outer_folds: int = 1) -> list[list]:
+    """Split the data into `folds` stratified parts; hold out each of the first `outer_folds` in turn, train
+    the members on the rest and score them and their mean on it. Mean ± std over the held-out parts (and,
+    for the members alone, over every member)."""
+    members = members or folds
+    dataset = prepare_data(cfg)
+    outer = assign_folds(dataset.manifest, folds, cfg.seed + 1)
+    scores = [holdout_scores(recipe, cfg, dataset, pd.Series(outer == i, index=dataset.manifest.index), members,
+                             members_of, f" (held-out part {i + 1}/{folds})" if outer_folds > 1 else "")
+              for i in range(outer_folds)]
+    images = sum(s["images"] for s in scores)
+    where = (f"the same {images} held-out images" if outer_folds == 1 else
+             f"{outer_folds} held-out parts of 1/{folds} in turn ({images} images)")
+    described = (f"{members} fold models of CV on the rest" if members_of == "folds"
+                 else f"{members} seeds trained on all the rest")
+
+    def spread(values: list[float]) -> str:
+        return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+
+    return [[f"its members ({described}), each alone, on {where}",
+             spread([a for s in scores for a in s["member_acc"]]), spread([f for s in scores for f in s["member_f1"]]),
+             f"{np.mean([s['minutes'] for s in scores]):.1f}"],
+            [f"{recipe}: {members}-model ensemble (mean of probabilities), {where}",
+             spread([s["acc"] for s in scores]), spread([s["f1"] for s in scores]), ""]]
 
 
 @click.command()
@@ -119,11 +147,16 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 @click.option("--ensemble-of", type=click.Choice(["folds", "seeds"]), default="folds", show_default=True,
               help="Ensemble members: the k fold models of CV on the non-held-out data (cv --register-as), or k "
                    "seeds trained on all of it (train --members k).")
+@click.option("--members", type=click.IntRange(min=2), default=None,
+              help="Ensemble size: the inner folds or the seeds (default: --folds).")
+@click.option("--outer-folds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Hold out this many of the --folds parts in turn (--folds: nested cross-validation, every image "
+                   "scored once by an ensemble that never saw it).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
-def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str, epochs: int | None,
-         image_size: int | None, num_threads: int) -> None:
+def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str, members: int | None,
+         outer_folds: int, epochs: int | None, image_size: int | None, num_threads: int) -> None:
     """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
     if not data.is_dir():
         raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "
@@ -137,7 +170,10 @@ def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, en
         rows.append(cv_row(name, recipe_config(name, data, overrides), folds))
         print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows[-1:]), flush=True)
     if ensemble:
-        rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds, ensemble_of)
+        if outer_folds > folds:
+            raise SmidsError(f"--outer-folds {outer_folds} is more than the {folds} parts of --folds")
+        rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds, ensemble_of, members,
+                              outer_folds)
     print()
     print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows))
 

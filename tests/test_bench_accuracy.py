@@ -1,0 +1,42 @@
+"""The accuracy benchmark's ensemble rows are honest: no held-out image was trained or selected on by
+a member, each held-out part is scored once, and the table says what it measured."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from benchmarks.bench_accuracy import EXPERIMENT, main
+from tests.conftest import TINY
+
+RECIPE = "default+" + "+".join(f"{k}={v}" for k, v in {**TINY, "valid_frac": 0.0}.items())
+
+
+def artifact(run_id: str, name: str) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name))
+
+
+@pytest.mark.parametrize("members_of", ["folds", "seeds"])
+def test_nested_ensemble_rows_hold_out_each_part_once_and_never_train_on_it(tracking, synth_data, members_of):
+    result = CliRunner().invoke(main, ["--data", str(synth_data), "--recipes", RECIPE, "--folds", "3", "--no-cv",
+                                       "--ensemble-of", members_of, "--members", "2", "--outer-folds", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"{RECIPE}: 2-model ensemble (mean of probabilities), 2 held-out parts of 1/3 in turn" in result.output
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    names = [f"bench {RECIPE} 2-{members_of[:-1]} ensemble (held-out part {i}/3)" for i in (1, 2)]
+    runs = [client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'")[0] for name in names]
+    held_out = []
+    for run in runs:
+        holdout = artifact(run.info.run_id, "holdout.csv")
+        seen = artifact(run.info.run_id, "manifest.csv")  # what the members trained (and could select) on
+        trained = set(seen.loc[seen["split"].isin(["train", "valid"]), "hash"])
+        assert len(holdout) and not trained & set(holdout["hash"])
+        assert 0 <= run.data.metrics["holdout_ensemble_accuracy"] <= 1
+        assert run.data.metrics["holdout_images"] == len(holdout)
+        held_out.append(set(holdout["hash"]))
+    assert not held_out[0] & held_out[1]  # two different parts
