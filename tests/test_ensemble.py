@@ -22,7 +22,7 @@ from smids_ml.predict import main as predict
 from smids_ml.serving import load_classifier
 from smids_ml.synth import generate
 from tests.conftest import BIN, TINY, free_port, stop, wait_for_http
-from tests.helpers import invoke
+from tests.helpers import invoke, mlflow_run
 from tests.test_serving import payload, post
 
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
@@ -121,10 +121,10 @@ def test_a_single_model_scores_a_foreign_folder_without_its_training_images(trai
 
 
 def test_train_members_logs_one_model_of_seeds_that_all_saw_the_whole_training_split(tracking, synth_data, tmp_path):
-    result = invoke(["train", "--data", str(synth_data), *TINY_FLAGS, "--members", "2", "--experiment", tracking,
-                     "--register-as", "seeds", "--alias", "both"])
-    assert result.exit_code == 0, result.output
-    assert "logged the 2-model ensemble" in result.output and "registered models:/seeds/1 (@both)" in result.output
+    """Through `mlflow run . -e train -P members=2`: the members nest under the run `mlflow run` created."""
+    done = mlflow_run("train", tracking, {**TINY, "data": synth_data, "members": 2, "register_as": "seeds",
+                                          "alias": "both"}, tmp_path)
+    assert "logged the 2-model ensemble" in done.stdout and "registered models:/seeds/1 (@both)" in done.stdout
     [parent] = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.mlflow.parentRunId IS NULL",
                                   output_format="list")
     children = mlflow.search_runs(experiment_names=[tracking], output_format="list",
