@@ -99,14 +99,18 @@ def process_is_gone(host: str | None, pid: str | None) -> bool:
     return False
 
 
+_ANSWERED: set[str] = set()  # servers that answered once in this process: asked again, they only cost a round trip
+
+
 def check_server(timeout: float = 10.0) -> None:
     """One line naming the URL when the tracking store is a server that does not answer /health."""
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
             if response.status == 200:
+                _ANSWERED.add(uri)
                 return
             reason = f"HTTP {response.status}"
     except (OSError, ValueError) as exc:
