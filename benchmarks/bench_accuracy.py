@@ -145,8 +145,8 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 @click.option("--cv/--no-cv", "cv_rows", default=True, show_default=True, help="The k-fold row of each recipe.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="Add the held-out ensemble rows.")
 @click.option("--ensemble-of", type=click.Choice(["folds", "seeds"]), default="folds", show_default=True,
-              help="Ensemble members: the k fold models of CV on the non-held-out data (cv --register-as), or k "
-                   "seeds trained on all of it (train --members k).")
+              help="Ensemble members: the fold models of CV on the non-held-out data (cv --register-as), or "
+                   "seeds trained on all of it (train --members).")
 @click.option("--members", type=click.IntRange(min=2), default=None,
               help="Ensemble size: the inner folds or the seeds (default: --folds).")
 @click.option("--outer-folds", type=click.IntRange(min=1), default=1, show_default=True,
