@@ -118,9 +118,12 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.mixup >= 0, f"--mixup must be 0 or more, got {self.mixup}"),
-            (self.augment_strength >= 0, f"--augment-strength must be 0 or more, got {self.augment_strength}"),
+            (0 <= self.augment_strength < 5, f"--augment-strength must be in [0, 5) (at 5 the brightness jitter "
+                                             f"reaches black), got {self.augment_strength}"),
             (0 <= self.rotation <= 180, f"--rotation must be in [0, 180] degrees, got {self.rotation}"),
             (0 <= self.scale_shift < 0.5, f"--scale-shift must be in [0, 0.5), got {self.scale_shift}"),
+            (self.scale_shift * self.augment_strength < 0.5, f"--scale-shift times --augment-strength must stay below "
+                                                             f"0.5, got {self.scale_shift} × {self.augment_strength}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.width >= 4, f"--width must be at least 4, got {self.width}"),
             (self.image_size >= 16, f"--image-size must be at least 16, got {self.image_size}"),

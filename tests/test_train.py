@@ -104,6 +104,8 @@ def test_mixup_blends_the_training_batches_reproducibly(tracking, synth_data):
     (["--width", "2"], "--width must be at least 4"),
     (["--mixup", "-0.2"], "--mixup must be 0 or more"),
     (["--valid-frac", "0", "--patience", "3"], "--patience 3 needs a validation split"),
+    (["--augment-strength", "5"], "--augment-strength must be in [0, 5)"),
+    (["--scale-shift", "0.2", "--augment-strength", "3"], "--scale-shift times --augment-strength must stay below 0.5"),
 ])
 def test_bad_values_fail_before_any_run(tracking, synth_data, flags, message):
     result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *flags])
