@@ -23,20 +23,19 @@ every image scored once), so the ensemble's figure does not rest on one fold of 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
 import click
+import mlflow
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 
 from benchmarks.common import machine, table
-from smids_ml import SmidsError
+from smids_ml import SmidsError, tracking
 from smids_ml.config import PRESETS, TrainConfig
 from smids_ml.cv import cross_validate
-from smids_ml.data import Dataset, assign_folds, load_tensors, make_batches, write_manifest
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches
 from smids_ml.engine import classification_metrics, predict_proba, resolve_device
 from smids_ml.train import prepare_data, train
 
@@ -96,14 +95,12 @@ def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Ser
     targets = scored[0][1]
     alone = [classification_metrics(targets, probs, "holdout") for probs, _ in scored]
     mean = classification_metrics(targets, np.mean([probs for probs, _ in scored], axis=0), "holdout")
-    client = MlflowClient()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_manifest(held_out, Path(tmp) / "holdout.csv")
-        client.log_artifact(result.run_id, str(path))
-    for key, value in {"holdout_ensemble_accuracy": mean["holdout_acc"], "holdout_ensemble_f1_macro": mean["holdout_f1"],
-                       "holdout_members_accuracy_mean": float(np.mean([m["holdout_acc"] for m in alone])),
-                       "holdout_images": len(targets)}.items():
-        client.log_metric(result.run_id, key, value)
+    with mlflow.start_run(run_id=result.run_id):
+        tracking.log_frame(held_out.manifest[MANIFEST_COLUMNS], "holdout.csv")
+        mlflow.log_metrics({"holdout_ensemble_accuracy": mean["holdout_acc"],
+                            "holdout_ensemble_f1_macro": mean["holdout_f1"],
+                            "holdout_members_accuracy_mean": float(np.mean([m["holdout_acc"] for m in alone])),
+                            "holdout_images": len(targets)})
     return {"member_acc": [m["holdout_acc"] for m in alone], "member_f1": [m["holdout_f1"] for m in alone],
             "acc": mean["holdout_acc"], "f1": mean["holdout_f1"], "images": len(targets), "minutes": minutes}
 

@@ -7,11 +7,13 @@ backend, proxied artifacts), started with `smids-ml server` on loopback.
 from __future__ import annotations
 
 import collections
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -168,6 +170,34 @@ def test_an_unreachable_study_storage_or_tracking_server_is_one_line(synth_data,
     finally:
         mlflow.set_tracking_uri(previous)
     assert_one_line_error(result, "cannot reach the tracking server http://127.0.0.1:9")
+
+
+def test_a_tracking_server_that_answered_is_not_asked_again():
+    """tune checks the server before its study and again on choosing the experiment: one /health request."""
+    from smids_ml.tracking import check_server
+
+    asked = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        check_server()
+        check_server()
+    finally:
+        mlflow.set_tracking_uri(previous)
+        server.shutdown()
+    assert asked == ["/health"]
 
 
 def test_optuna_dashboard_shows_the_shared_study(postgres_url):
