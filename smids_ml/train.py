@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 import mlflow
@@ -27,7 +25,7 @@ from smids_ml import SmidsError
 from smids_ml import plots, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import steps, stops_cleanly
-from smids_ml.data import SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches, write_manifest
+from smids_ml.data import MANIFEST_COLUMNS, SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build_for, count_parameters
 
@@ -122,10 +120,8 @@ def log_outcome(history: History, network, valid_batches, dataset: Dataset, cfg:
 
 def log_split_and_config(dataset: Dataset, cfg: TrainConfig) -> None:
     """manifest.csv (what `evaluate` scores and leaves out) and config.json on the active run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifact(str(write_manifest(dataset, Path(tmp) / "manifest.csv")))
-        (Path(tmp) / "config.json").write_text(cfg.to_json())
-        mlflow.log_artifact(str(Path(tmp) / "config.json"))
+    tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS], "manifest.csv")
+    mlflow.log_text(cfg.to_json(), "config.json")
 
 
 def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
