@@ -89,6 +89,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy loss.")
     mixup: float = _opt(0.0, "MixUp alpha: each training batch is blended with a shifted copy of itself, labels too, "
                              "by a Beta(alpha, alpha) weight (0: off).")
+    ema: float = _opt(0.0, "Decay per step of an exponential moving average of the weights (and batch-norm statistics), "
+                           "which is what is evaluated and kept (0: off; 0.999 averages over about 1,000 steps).")
     monitor: str = _opt("valid_f1", "Validation metric for early stopping and model selection (valid_f1 is macro F1).", MONITORS)
     # runtime
     seed: int = _opt(42, "Seed for the split, initialisation, shuffling and augmentation.", tunable=False)
@@ -118,6 +120,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.mixup >= 0, f"--mixup must be 0 or more, got {self.mixup}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1) (a decay per step; 0 is off), got {self.ema}"),
             (0 <= self.augment_strength < 5, f"--augment-strength must be in [0, 5) (at 5 the brightness jitter "
                                              f"reaches black), got {self.augment_strength}"),
             (0 <= self.rotation <= 180, f"--rotation must be in [0, 180] degrees, got {self.rotation}"),

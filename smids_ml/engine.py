@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
 from smids_ml.config import TrainConfig
@@ -98,9 +99,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, precision: str = "fp32",
-                    step_scheduler=None, mix: v2.Transform | None = None) -> dict:
+                    step_scheduler=None, mix: v2.Transform | None = None,
+                    ema: AveragedModel | None = None) -> dict:
     """One pass over the training batches; `mix` (MixUp) blends each batch and its labels before the step,
-    and train_acc then counts the dominant label of each blend."""
+    and train_acc then counts the dominant label of each blend; `ema` follows the weights after each step."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -118,6 +120,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         optimizer.step()
         if step_scheduler:
             step_scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
@@ -172,13 +176,16 @@ class History:
 def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device, num_classes: int,
         callbacks: Iterable[Callback] = ()) -> History:
     """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights.
-    Without validation batches (--valid-frac 0) the whole schedule runs and the last epoch is kept."""
+    Without validation batches (--valid-frac 0) the whole schedule runs and the last epoch is kept.
+    With `cfg.ema` the moving average of the weights is what is validated and kept."""
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler, per_step = make_scheduler(optimizer, cfg, len(batches["train"]))
     precision = resolve_precision(cfg.precision, device, cfg.model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     mix = v2.MixUp(alpha=cfg.mixup, num_classes=num_classes) if cfg.mixup > 0 else None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    kept = ema.module if ema is not None else model
     sign = -1.0 if cfg.monitor == "valid_loss" else 1.0
     history, best_score, best_state, waited = History(), -float("inf"), None, 0
     validating = len(batches["valid"]) > 0
@@ -186,16 +193,16 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         metrics = train_one_epoch(model, batches["train"], optimizer, criterion, device, precision,
-                                  scheduler if per_step else None, mix)
+                                  scheduler if per_step else None, mix, ema)
         if validating:
-            metrics.update(evaluate(model, batches["valid"], device, "valid", precision))
+            metrics.update(evaluate(kept, batches["valid"], device, "valid", precision))
         metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start)
         if scheduler and not per_step:
             scheduler.step()
         history.epochs.append(metrics)
         score = sign * metrics[cfg.monitor] if validating else epoch
         if score > best_score:
-            best_score, best_state, waited = score, copy.deepcopy(model.state_dict()) if validating else None, 0
+            best_score, best_state, waited = score, copy.deepcopy(kept.state_dict()) if validating else None, 0
             history.best_epoch = epoch
         else:
             waited += 1
@@ -204,6 +211,8 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         if cfg.patience and waited >= cfg.patience:
             history.stopped_early = True
             break
+    if best_state is None and ema is not None:
+        best_state = ema.module.state_dict()
     if best_state is not None:
         model.load_state_dict(best_state)
     return history

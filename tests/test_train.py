@@ -95,6 +95,25 @@ def test_mixup_blends_the_training_batches_reproducibly(tracking, synth_data):
     assert first[0]["train_loss"] != plain[0]["train_loss"]  # same seed, same batches: only the blending differs
 
 
+def test_ema_keeps_and_validates_the_averaged_weights_without_changing_training(tracking, synth_data):
+    cfg = TrainConfig(data=str(synth_data), **{**TINY, "valid_frac": 0.0}).validate()
+
+    def floats(result):
+        return [t for t in result.network.state_dict().values() if t.is_floating_point()]
+
+    plain = train(cfg, experiment=tracking)
+    averaged = train(cfg.replace(ema=0.5), experiment=tracking)
+    nearly_raw = train(cfg.replace(ema=1e-9), experiment=tracking)
+    losses = [[e["train_loss"] for e in r.history.epochs] for r in (plain, averaged, nearly_raw)]
+    assert losses[0] == losses[1] == losses[2]  # the average only watches the weights
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(floats(plain), floats(nearly_raw)))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(floats(plain), floats(averaged)))
+    validated = cfg.replace(valid_frac=0.15)
+    plain, averaged = train(validated, experiment=tracking), train(validated.replace(ema=0.5), experiment=tracking)
+    assert [e["train_loss"] for e in plain.history.epochs] == [e["train_loss"] for e in averaged.history.epochs]
+    assert [e["valid_loss"] for e in plain.history.epochs] != [e["valid_loss"] for e in averaged.history.epochs]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--lr", "0"], "--lr must be greater than 0"),
@@ -103,6 +122,7 @@ def test_mixup_blends_the_training_batches_reproducibly(tracking, synth_data):
     (["--batch", "0"], "--batch must be at least 1"),
     (["--width", "2"], "--width must be at least 4"),
     (["--mixup", "-0.2"], "--mixup must be 0 or more"),
+    (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--valid-frac", "0", "--patience", "3"], "--patience 3 needs a validation split"),
     (["--augment-strength", "5"], "--augment-strength must be in [0, 5)"),
     (["--scale-shift", "0.2", "--augment-strength", "3"], "--scale-shift times --augment-strength must stay below 0.5"),
