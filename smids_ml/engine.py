@@ -211,8 +211,6 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         if cfg.patience and waited >= cfg.patience:
             history.stopped_early = True
             break
-    if best_state is None and ema is not None:
-        best_state = ema.module.state_dict()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    # nothing selected (no validation split): the last epoch's weights, or their moving average
+    model.load_state_dict(best_state if best_state is not None else kept.state_dict())
     return history
