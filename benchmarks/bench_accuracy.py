@@ -18,6 +18,9 @@ ensemble (mean of their probabilities) and each member are scored on the held-ou
 are seeds trained on all of it (what `smids-ml train --members m` registers). `--outer-folds`
 repeats this with each of the first n folds held out in turn (n = k: nested cross-validation,
 every image scored once), so the ensemble's figure does not rest on one fold of the data.
+With `--ensemble-of recipes` the members are the listed recipes themselves, at no extra training:
+each image's out-of-fold probabilities from every recipe's cross-validation (one model of each
+recipe that never saw it) are averaged, and scored per fold of the first recipe.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from smids_ml.config import PRESETS, TrainConfig
 from smids_ml.cv import cross_validate
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches
 from smids_ml.engine import classification_metrics, predict_proba, resolve_device
+from smids_ml.evaluate import predictions_frame
 from smids_ml.train import prepare_data, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smids-dev"
@@ -63,13 +67,37 @@ def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
     return cfg.validate()
 
 
-def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> list:
+def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list, pd.DataFrame]:
+    """The recipe's table row, and its out-of-fold predictions (for an ensemble of recipes)."""
     start = time.perf_counter()
     result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} ({folds}-fold)")
     minutes = (time.perf_counter() - start) / 60 / folds
     s = result.summary
-    return [f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
-            f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{minutes:.1f}"]
+    return ([f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
+             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{minutes:.1f}"],
+            result.out_of_fold)
+
+
+def recipes_ensemble_row(names: list[str], out_of_fold: list[pd.DataFrame]) -> list:
+    """The mean of the recipes' out-of-fold probabilities per image, scored per fold of the first recipe:
+    nested cross-validation of an ensemble of one model per recipe, every image scored by models that
+    never saw it. Logged to MLflow with the averaged predictions."""
+    frames = [frame.set_index("path").sort_index() for frame in out_of_fold]
+    if any(not frame.index.equals(frames[0].index) for frame in frames):
+        raise SmidsError("--ensemble-of recipes: the recipes scored different images (their data or classes differ)")
+    classes = [c for c in frames[0].columns if c not in ("label", "predicted", "confidence", "correct", "fold")]
+    probs = np.mean([frame[classes].to_numpy() for frame in frames], axis=0)
+    first = frames[0]
+    targets = first["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    folds = first["fold"].to_numpy()
+    per_fold = [classification_metrics(targets[folds == k], probs[folds == k], "test") for k in np.unique(folds)]
+    acc, f1 = [m["test_acc"] for m in per_fold], [m["test_f1"] for m in per_fold]
+    with mlflow.start_run(run_name=f"bench ensemble of {' & '.join(names)} (out-of-fold)"):
+        mlflow.log_metrics({"cv_ensemble_accuracy_mean": float(np.mean(acc)), "cv_ensemble_f1_macro_mean": float(np.mean(f1))})
+        tracking.log_frame(predictions_frame(first.reset_index(), classes, probs).assign(fold=folds), "predictions.csv")
+    return [f"ensemble of the {len(names)} recipes (mean of their out-of-fold probabilities: one model of each, "
+            f"none saw the crop), {len(np.unique(folds))}-fold", f"{np.mean(acc):.4f} ± {np.std(acc, ddof=1):.4f}",
+            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}", ""]
 
 
 def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Series, members: int, members_of: str,
@@ -141,9 +169,10 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
                    "overrides; the first one is also the ensemble's.")
 @click.option("--cv/--no-cv", "cv_rows", default=True, show_default=True, help="The k-fold row of each recipe.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True, help="Add the held-out ensemble rows.")
-@click.option("--ensemble-of", type=click.Choice(["folds", "seeds"]), default="folds", show_default=True,
-              help="Ensemble members: the fold models of CV on the non-held-out data (cv --register-as), or "
-                   "seeds trained on all of it (train --members).")
+@click.option("--ensemble-of", type=click.Choice(["folds", "seeds", "recipes"]), default="folds", show_default=True,
+              help="Ensemble members: the fold models of CV on the non-held-out data (cv --register-as), "
+                   "seeds trained on all of it (train --members), or one model of each recipe (their "
+                   "out-of-fold predictions averaged: nested, no extra training).")
 @click.option("--members", type=click.IntRange(min=2), default=None,
               help="Ensemble size: the inner folds or the seeds (default: --folds).")
 @click.option("--outer-folds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -162,11 +191,18 @@ def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, en
                                    "num_threads": num_threads or None}.items() if v is not None}
     names = [r.strip() for r in recipes.split(",") if r.strip()]
     print(f"accuracy on {data}, {machine()}", flush=True)
-    rows = []
+    if ensemble and ensemble_of == "recipes" and (len(names) < 2 or not cv_rows or members or outer_folds > 1):
+        raise SmidsError("--ensemble-of recipes averages the cross-validation rows of two or more --recipes: "
+                         "it needs --cv, and takes no --members or --outer-folds")
+    rows, out_of_fold = [], []
     for name in names if cv_rows else []:
-        rows.append(cv_row(name, recipe_config(name, data, overrides), folds))
+        row, predictions = cv_row(name, recipe_config(name, data, overrides), folds)
+        rows.append(row)
+        out_of_fold.append(predictions)
         print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows[-1:]), flush=True)
-    if ensemble:
+    if ensemble and ensemble_of == "recipes":
+        rows.append(recipes_ensemble_row(names, out_of_fold))
+    elif ensemble:
         if outer_folds > folds:
             raise SmidsError(f"--outer-folds {outer_folds} is more than the {folds} parts of --folds")
         rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds, ensemble_of, members,

@@ -76,6 +76,7 @@ class CVResult:
     folds: pd.DataFrame  # one row per fold: run id, sizes, best epoch and test metrics
     summary: dict[str, float]
     networks: list  # the fold models, in fold order
+    out_of_fold: pd.DataFrame  # every image's prediction by the fold model that never saw it, with its fold
     model_uri: str | None = None  # the ensemble, when logged
     version: str | None = None  # its registered version
 
@@ -105,16 +106,16 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
             sizes = part.manifest["split"].value_counts()
             rows.append({"fold": k, "run_id": child.info.run_id, "best_epoch": result.history.best_epoch,
                          **{f"n_{s}": int(sizes.get(s, 0)) for s in ("train", "valid", "test")}, **metrics})
-            out_of_fold.append((part.part("test"), probs))
+            out_of_fold.append((part.part("test").assign(fold=k), probs))
             networks.append(result.network)
         table = pd.DataFrame(rows)
         tracking.log_frame(table, "cv_folds.csv")
         summary = summarize(table)
         mlflow.log_metrics(summary)
         pooled = pd.concat([frame for frame, _ in out_of_fold], ignore_index=True)
-        log_evaluation(pooled, dataset.root, dataset.classes, np.concatenate([p for _, p in out_of_fold]),
-                       prefix="cv_oof", folder="out_of_fold")
-        result = CVResult(parent.info.run_id, table, summary, networks)
+        _, predictions = log_evaluation(pooled, dataset.root, dataset.classes,
+                                        np.concatenate([p for _, p in out_of_fold]), prefix="cv_oof", folder="out_of_fold")
+        result = CVResult(parent.info.run_id, table, summary, networks, predictions.assign(fold=pooled["fold"].to_numpy()))
         if register_as:
             result.model_uri = tracking.log_model([(n, cfg) for n in networks], dataset).model_uri
             result.version = tracking.register(result.model_uri, register_as, alias, tags={

@@ -62,8 +62,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 # Networks measured faster under CPU bf16 autocast: resnet18 at 96 px about 2x on an AMX CPU, smids_resnet
-# 1.6x per 5-fold run on an AVX512-BF16 one at the same cross-validated accuracy; the small study CNNs gained nothing.
-BF16_CPU_GAINS = ("smids_resnet", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
+# 1.6x per 5-fold run on an AVX512-BF16 one at the same cross-validated accuracy; the small study CNNs gained
+# nothing, and the depthwise mobilenet_v3_small and efficientnet_b0 ran 2x and 1.7x slower (AVX512-BF16 EPYC).
+BF16_CPU_GAINS = ("smids_resnet", "resnet18")
 
 
 def resolve_precision(precision: str, device: torch.device, model: str) -> str:

@@ -40,3 +40,30 @@ def test_nested_ensemble_rows_hold_out_each_part_once_and_never_train_on_it(trac
         assert run.data.metrics["holdout_images"] == len(holdout)
         held_out.append(set(holdout["hash"]))
     assert not held_out[0] & held_out[1]  # two different parts
+
+
+def test_ensemble_of_recipes_averages_their_out_of_fold_probabilities(tracking, synth_data):
+    other = RECIPE.replace("model=improved_cnn", "model=simple_cnn")
+    result = CliRunner().invoke(main, ["--data", str(synth_data), "--recipes", f"{RECIPE},{other}", "--folds", "3",
+                                       "--ensemble-of", "recipes"])
+    assert result.exit_code == 0, result.output
+    assert "ensemble of the 2 recipes (mean of their out-of-fold probabilities" in result.output
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    cv_runs = [client.search_runs([experiment], f"tags.mlflow.runName = 'bench {r} (3-fold)'")[0] for r in (RECIPE, other)]
+    members = [artifact(run.info.run_id, "out_of_fold/predictions.csv").set_index("path").sort_index() for run in cv_runs]
+    run = client.search_runs([experiment], f"tags.mlflow.runName = 'bench ensemble of {RECIPE} & {other} (out-of-fold)'")[0]
+    ensemble = artifact(run.info.run_id, "predictions.csv").set_index("path").sort_index()
+    classes = sorted(ensemble["label"].unique())
+    assert ensemble.index.equals(members[0].index) and ensemble.index.is_unique  # every image, once
+    assert ((members[0][classes] + members[1][classes]) / 2).sub(ensemble[classes]).abs().max().max() < 1e-6
+    per_fold = [group["correct"].mean() for _, group in ensemble.groupby("fold")]
+    assert len(per_fold) == 3
+    assert abs(run.data.metrics["cv_ensemble_accuracy_mean"] - sum(per_fold) / 3) < 1e-9
+
+
+def test_ensemble_of_recipes_needs_two_recipes_and_their_cv_rows(synth_data):
+    result = CliRunner().invoke(main, ["--data", str(synth_data), "--recipes", RECIPE, "--ensemble-of", "recipes"])
+    assert result.exit_code != 0
+    assert "--ensemble-of recipes averages the cross-validation rows of two or more --recipes" in result.output
