@@ -96,7 +96,7 @@ class TrainConfig:
     seed: int = _opt(42, "Seed for the split, initialisation, shuffling and augmentation.", tunable=False)
     device: str = _opt("auto", "Where to train.", DEVICES, tunable=False)
     precision: str = _opt("auto", "bf16 autocast or fp32. auto: bf16 on CUDA, and on CPUs with native bf16 for the "
-                                  "networks where it measures faster (the torchvision ones); fp32 elsewhere.",
+                                  "networks where it measures faster (smids_resnet, resnet18); fp32 elsewhere.",
                           PRECISIONS, tunable=False)
     num_threads: int = _opt(0, "Torch CPU threads (0: torch's default).", tunable=False)
 
