@@ -5,7 +5,8 @@ opening a second one; `tune` calls `run_training` inside its own nested runs.
 
 With `--members K`, K models train on the same split (seeds seed, seed+1, ...), each in a nested
 run, and are logged on the parent run as one model that averages their probabilities: every member
-sees all the training images, unlike the fold models of `cv --register-as`.
+sees all the training images, unlike the fold models of `cv --register-as`. `--member-models A,B`
+makes the members different networks (K seeds of each): they disagree more than seeds of one do.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from smids_ml import SmidsError
 from smids_ml import plots, tracking
-from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
 from smids_ml.console import steps, stops_cleanly
 from smids_ml.data import MANIFEST_COLUMNS, SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
@@ -126,16 +127,19 @@ def log_split_and_config(dataset: Dataset, cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
           register_as: str | None = None, alias: str | None = None, members: int = 1,
-          dataset: Dataset | None = None) -> TrainResult:
+          dataset: Dataset | None = None, member_models: list[str] | None = None) -> TrainResult:
     """Prepare data (unless given), train in a new (or `mlflow run`'s) run, optionally register the model.
-    With `members` > 1 the result's history and network are the first member's; `networks` holds them all."""
+    With several members (`members` seeds of each of `member_models`, default cfg.model) the result's
+    history and network are the first member's; `networks` holds them all."""
+    configs = member_configs(cfg, members, member_models)
     dataset = dataset or prepare_data(cfg)
     use_experiment(experiment)
+    members = len(configs)
     with mlflow.start_run(run_name=run_name):
         if members == 1:
             result = run_training(cfg, dataset)
         else:
-            result = train_members(cfg, dataset, members)
+            result = train_members(configs, dataset)
         if register_as:
             score = result.history.best.get(cfg.monitor)
             version = tracking.register(result.model_uri, register_as, alias, tags={
@@ -145,19 +149,30 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     return result
 
 
-def train_members(cfg: TrainConfig, dataset: Dataset, members: int) -> TrainResult:
-    """`members` seeds trained on the same split in nested runs, logged as one averaging model on the active run."""
+def member_configs(cfg: TrainConfig, members: int, models: list[str] | None = None) -> list[TrainConfig]:
+    """`members` seeds (seed, seed+1, ...) of each of `models` (default: cfg.model), checked before any training."""
+    unknown = [model for model in models or () if model not in MODELS]
+    if unknown:
+        raise SmidsError(f"--member-models: {unknown[0]!r} is not one of {', '.join(MODELS)}")
+    configs = [cfg.replace(model=model, seed=cfg.seed + i) for model in models or [cfg.model] for i in range(members)]
+    for member in configs:
+        member.validate()
+    return configs
+
+
+def train_members(configs: list[TrainConfig], dataset: Dataset) -> TrainResult:
+    """The members trained on the same split in nested runs, logged as one averaging model on the active run."""
     run = mlflow.active_run()
     results = []
-    for i in range(members):
-        with mlflow.start_run(run_name=f"member {i + 1}/{members}", nested=True):
+    for i, member in enumerate(configs):
+        with mlflow.start_run(run_name=f"member {i + 1}/{len(configs)}: {member.model} seed {member.seed}", nested=True):
             mlflow.set_tag("member", i)
-            results.append(run_training(dataclasses.replace(cfg, seed=cfg.seed + i), dataset, log_model=False))
-    first = results[0]
+            results.append(run_training(member, dataset, log_model=False))
+    first, cfg = results[0], configs[0]
     tracking.log_run_context(cfg, dataset, count_parameters(first.network))
-    tracking.log_new_params({"members": members})
+    tracking.log_new_params({"members": len(configs), "member_models": ",".join(dict.fromkeys(c.model for c in configs))})
     log_split_and_config(dataset, cfg)
-    model_uri = tracking.log_model([(r.network, cfg) for r in results], dataset).model_uri
+    model_uri = tracking.log_model([(r.network, member) for r, member in zip(results, configs)], dataset).model_uri
     return TrainResult(run.info.run_id, first.history, first.network, dataset, model_uri,
                        networks=[r.network for r in results])
 
@@ -171,13 +186,18 @@ def train_members(cfg: TrainConfig, dataset: Dataset, members: int) -> TrainResu
 @click.option("--members", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train this many models (seeds --seed, --seed+1, ...) on the same split and log them as one "
                    "model that averages their probabilities; K times the training time.")
+@click.option("--member-models", default="",
+              help="Comma-separated architectures (e.g. smids_resnet,mobilenet_v3_small): --members seeds of each, "
+                   "logged as one averaging model; they share the input size and colour. Default: --model only.")
 @stops_cleanly("the run is marked FAILED")
-def main(experiment, run_name, register_as, alias, members, **options):
+def main(experiment, run_name, register_as, alias, members, member_models, **options):
     """Train one model (or an ensemble of --members) on a folder of class folders and log everything to MLflow."""
     cfg = config_from_options(options)
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
-    result = train(cfg, experiment, run_name, register_as, alias, members)
+    models = [m.strip() for m in member_models.split(",") if m.strip()]
+    result = train(cfg, experiment, run_name, register_as, alias, members, member_models=models)
+    members = len(result.networks)
     history, best = result.history, result.history.best
     if "valid_acc" in best:
         click.echo(f"run {result.run_id}: best epoch {history.best_epoch}/{len(history.epochs)}, "

@@ -150,3 +150,27 @@ def test_train_members_logs_one_model_of_seeds_that_all_saw_the_whole_training_s
     assert result.exit_code == 0, result.output
     test_rows = manifests[0]["split"].eq("test").sum()
     assert f"{test_rows} images of split test" in result.output
+
+
+def test_train_member_models_logs_one_model_of_different_networks(tracking, synth_data):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS,
+                     "--member-models", "improved_cnn,simple_cnn", "--register-as", "mixed"])
+    assert result.exit_code == 0, result.output
+    assert "logged the 2-model ensemble" in result.output and "registered models:/mixed/1" in result.output
+    [parent] = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.mlflow.parentRunId IS NULL",
+                                  output_format="list")
+    children = mlflow.search_runs(experiment_names=[tracking], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.params["model"] for r in children) == ["improved_cnn", "simple_cnn"]
+    assert parent.data.params["member_models"] == "improved_cnn,simple_cnn"
+    model = load_classifier("models:/mixed/1")
+    assert [cfg.model for cfg in model.members] == ["improved_cnn", "simple_cnn"]
+    assert_averages_two_different_members(model, sorted((synth_data / "Normal_Sperm").glob("*.bmp"))[:4])
+
+
+def test_train_member_models_names_an_unknown_network_before_training(tracking, synth_data):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS,
+                     "--member-models", "improved_cnn,vgg99"])
+    assert result.exit_code != 0
+    assert "--member-models: 'vgg99' is not one of smids_resnet" in result.output
+    assert not mlflow.search_runs(experiment_names=[tracking], output_format="list")  # nothing was started
