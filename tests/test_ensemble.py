@@ -120,15 +120,20 @@ def test_a_single_model_scores_a_foreign_folder_without_its_training_images(trai
     assert "left out 1 of 10 images" in result.output and "9 images of split all" in result.output
 
 
+def parent_and_children(experiment: str):
+    """The experiment's one top-level run and its nested runs (the members)."""
+    [parent] = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.mlflow.parentRunId IS NULL",
+                                  output_format="list")
+    return parent, mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
 def test_train_members_logs_one_model_of_seeds_that_all_saw_the_whole_training_split(tracking, synth_data, tmp_path):
     """Through `mlflow run . -e train -P members=2`: the members nest under the run `mlflow run` created."""
     done = mlflow_run("train", tracking, {**TINY, "data": synth_data, "members": 2, "register_as": "seeds",
                                           "alias": "both"}, tmp_path)
     assert "logged the 2-model ensemble" in done.stdout and "registered models:/seeds/1 (@both)" in done.stdout
-    [parent] = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.mlflow.parentRunId IS NULL",
-                                  output_format="list")
-    children = mlflow.search_runs(experiment_names=[tracking], output_format="list",
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    parent, children = parent_and_children(tracking)
     assert sorted(r.data.params["seed"] for r in children) == ["42", "43"]
     assert parent.data.params["members"] == "2"
     for key in ("data_fingerprint", "n_train", "n_test", "num_parameters"):  # the parent describes what they share
@@ -157,10 +162,7 @@ def test_train_member_models_logs_one_model_of_different_networks(tracking, synt
                      "--member-models", "improved_cnn,simple_cnn", "--register-as", "mixed"])
     assert result.exit_code == 0, result.output
     assert "logged the 2-model ensemble" in result.output and "registered models:/mixed/1" in result.output
-    [parent] = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.mlflow.parentRunId IS NULL",
-                                  output_format="list")
-    children = mlflow.search_runs(experiment_names=[tracking], output_format="list",
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    parent, children = parent_and_children(tracking)
     assert sorted(r.data.params["model"] for r in children) == ["improved_cnn", "simple_cnn"]
     assert parent.data.params["member_models"] == "improved_cnn,simple_cnn"
     model = load_classifier("models:/mixed/1")
