@@ -150,14 +150,12 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
 
 
 def member_configs(cfg: TrainConfig, members: int, models: list[str] | None = None) -> list[TrainConfig]:
-    """`members` seeds (seed, seed+1, ...) of each of `models` (default: cfg.model), checked before any training."""
+    """`members` seeds (seed, seed+1, ...) of each of `models` (default: cfg.model); the names are checked
+    before any training (the rest of cfg was validated already, and a known model name keeps it valid)."""
     unknown = [model for model in models or () if model not in MODELS]
     if unknown:
         raise SmidsError(f"--member-models: {unknown[0]!r} is not one of {', '.join(MODELS)}")
-    configs = [cfg.replace(model=model, seed=cfg.seed + i) for model in models or [cfg.model] for i in range(members)]
-    for member in configs:
-        member.validate()
-    return configs
+    return [cfg.replace(model=model, seed=cfg.seed + i) for model in models or [cfg.model] for i in range(members)]
 
 
 def train_members(configs: list[TrainConfig], dataset: Dataset) -> TrainResult:
