@@ -37,7 +37,8 @@ import pandas as pd
 from benchmarks.common import machine, table
 from smids_ml import SmidsError, tracking
 from smids_ml.config import PRESETS, TrainConfig
-from smids_ml.cv import cross_validate
+from smids_ml.compute import training_flops
+from smids_ml.cv import cross_validate, fold_dataset, fold_probabilities
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches
 from smids_ml.engine import classification_metrics, predict_proba, resolve_device
 from smids_ml.evaluate import predictions_frame
@@ -67,18 +68,45 @@ def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
     return cfg.validate()
 
 
-def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list, pd.DataFrame]:
-    """The recipe's table row, and its out-of-fold predictions (for an ensemble of recipes)."""
+HEADERS = ["recipe", "accuracy", "macro F1", "TFLOP/model", "min/fold"]
+
+
+def tflop(cfg: TrainConfig, classes: int, train_images: float) -> str:
+    return f"{training_flops(cfg, classes, round(train_images)) / 1e12:.1f}"
+
+
+def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list[list], pd.DataFrame]:
+    """The recipe's table row (and, with test-time averaging, the same fold models scored on one view: a
+    paired comparison at no extra training), and its out-of-fold predictions (for an ensemble of recipes)."""
     start = time.perf_counter()
     result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} ({folds}-fold)")
     minutes = (time.perf_counter() - start) / 60 / folds
     s = result.summary
-    return ([f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
-             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{minutes:.1f}"],
-            result.out_of_fold)
+    classes = len(result.out_of_fold["label"].unique())
+    cost = tflop(cfg, classes, result.folds["n_train"].mean())
+    rows = [[f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
+             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", cost, f"{minutes:.1f}"]]
+    if cfg.tta != "none":
+        rows.append(single_view_row(recipe, cfg, folds, result, cost))
+    return rows, result.out_of_fold
 
 
-def recipes_ensemble_row(names: list[str], out_of_fold: list[pd.DataFrame]) -> list:
+def single_view_row(recipe: str, cfg: TrainConfig, folds: int, result, cost: str) -> list:
+    """The fold models of a test-time-averaging recipe, each scored on one view of its test fold."""
+    dataset = prepare_data(cfg)
+    fold = assign_folds(dataset.manifest, folds, cfg.seed)
+    scores = []
+    for k, network in enumerate(result.networks):
+        part = fold_dataset(dataset, fold, k, cfg.valid_frac, cfg.seed)
+        targets = part.part("test")["label"].map({c: i for i, c in enumerate(part.classes)}).to_numpy()
+        probs = fold_probabilities(network.network, part, cfg)
+        scores.append(classification_metrics(targets, probs, "test"))
+    acc, f1 = [m["test_acc"] for m in scores], [m["test_f1"] for m in scores]
+    return [f"  the same fold models, one view (no test-time averaging)", f"{np.mean(acc):.4f} ± {np.std(acc, ddof=1):.4f}",
+            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}", cost, ""]
+
+
+def recipes_ensemble_row(names: list[str], out_of_fold: list[pd.DataFrame], tflops: list[float]) -> list:
     """The mean of the recipes' out-of-fold probabilities per image, scored per fold of the first recipe:
     nested cross-validation of an ensemble of one model per recipe, every image scored by models that
     never saw it. Logged to MLflow with the averaged predictions."""
@@ -97,7 +125,7 @@ def recipes_ensemble_row(names: list[str], out_of_fold: list[pd.DataFrame]) -> l
         tracking.log_frame(predictions_frame(first.reset_index(), classes, probs).assign(fold=folds), "predictions.csv")
     return [f"ensemble of the {len(names)} recipes (mean of their out-of-fold probabilities: one model of each, "
             f"none saw the crop), {len(np.unique(folds))}-fold", f"{np.mean(acc):.4f} ± {np.std(acc, ddof=1):.4f}",
-            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}", ""]
+            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}", f"{sum(tflops):.1f}", ""]
 
 
 def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Series, members: int, members_of: str,
@@ -129,8 +157,10 @@ def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Ser
                             "holdout_ensemble_f1_macro": mean["holdout_f1"],
                             "holdout_members_accuracy_mean": float(np.mean([m["holdout_acc"] for m in alone])),
                             "holdout_images": len(targets)})
+    trained_on = len(rest.manifest) * ((members - 1) / members if members_of == "folds" else 1)
     return {"member_acc": [m["holdout_acc"] for m in alone], "member_f1": [m["holdout_f1"] for m in alone],
-            "acc": mean["holdout_acc"], "f1": mean["holdout_f1"], "images": len(targets), "minutes": minutes}
+            "acc": mean["holdout_acc"], "f1": mean["holdout_f1"], "images": len(targets), "minutes": minutes,
+            "tflop": training_flops(cfg, len(dataset.classes), round(trained_on)) / 1e12}
 
 
 def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "folds", members: int | None = None,
@@ -155,9 +185,10 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 
     return [[f"its members ({described}), each alone, on {where}",
              spread([a for s in scores for a in s["member_acc"]]), spread([f for s in scores for f in s["member_f1"]]),
-             f"{np.mean([s['minutes'] for s in scores]):.1f}"],
+             f"{np.mean([s['tflop'] for s in scores]):.1f}", f"{np.mean([s['minutes'] for s in scores]):.1f}"],
             [f"{recipe}: {members}-model ensemble (mean of probabilities), {where}",
-             spread([s["acc"] for s in scores]), spread([s["f1"] for s in scores]), ""]]
+             spread([s["acc"] for s in scores]), spread([s["f1"] for s in scores]),
+             f"{members * np.mean([s['tflop'] for s in scores]):.1f}", ""]]
 
 
 @click.command()
@@ -194,21 +225,22 @@ def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, en
     if ensemble and ensemble_of == "recipes" and (len(names) < 2 or not cv_rows or members or outer_folds > 1):
         raise SmidsError("--ensemble-of recipes averages the cross-validation rows of two or more --recipes: "
                          "it needs --cv, and takes no --members or --outer-folds")
-    rows, out_of_fold = [], []
+    rows, out_of_fold, tflops = [], [], []
     for name in names if cv_rows else []:
-        row, predictions = cv_row(name, recipe_config(name, data, overrides), folds)
-        rows.append(row)
+        recipe_rows, predictions = cv_row(name, recipe_config(name, data, overrides), folds)
+        rows += recipe_rows
         out_of_fold.append(predictions)
-        print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows[-1:]), flush=True)
+        tflops.append(float(recipe_rows[0][3]))
+        print(table(HEADERS, recipe_rows), flush=True)
     if ensemble and ensemble_of == "recipes":
-        rows.append(recipes_ensemble_row(names, out_of_fold))
+        rows.append(recipes_ensemble_row(names, out_of_fold, tflops))
     elif ensemble:
         if outer_folds > folds:
             raise SmidsError(f"--outer-folds {outer_folds} is more than the {folds} parts of --folds")
         rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds, ensemble_of, members,
                               outer_folds)
     print()
-    print(table(["recipe", "accuracy", "macro F1", "min/fold"], rows))
+    print(table(HEADERS, rows))
 
 
 if __name__ == "__main__":

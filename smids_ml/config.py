@@ -39,6 +39,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Fields added after models were first logged, with the value that means "as before" for a stored config
+# without them (a default may change; what an old model was trained and evaluated with may not).
+ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_from": 0}
+
+
 def _opt(default, help, choices=None, tunable=True):
     return field(default=default, metadata={"help": help, "choices": choices, "tunable": tunable})
 
@@ -65,6 +70,9 @@ class TrainConfig:
     resize: str = _opt("pad", "pad keeps the aspect ratio (head shape is the signal); stretch distorts it as the original study did.", ("pad", "stretch"))
     augment: bool = _opt(True, "Random rotation, flips, small scale and shift, brightness/contrast and colour balance "
                                "on training batches.")
+    progressive_from: int = _opt(0, "Progressive resizing: the first epoch trains at this smaller side, which grows linearly "
+                                    "(in steps of 8 px) to --image-size at three quarters of the schedule; the last quarter "
+                                    "trains at full size (0: off). An epoch costs about the square of its side.")
     augment_strength: float = _opt(1.0, "Scales the scale/shift and photometric augmentation (0 turns them off; rotation and flips stay).")
     rotation: float = _opt(180.0, "Largest random rotation in degrees (180: any angle, as cells lie in every orientation).")
     scale_shift: float = _opt(0.1, "Largest random rescale and shift, as a fraction of the image (times --augment-strength).")
@@ -83,14 +91,19 @@ class TrainConfig:
     optimizer: str = _opt("AdamW", "Optimizer (SGD uses momentum 0.9).", OPTIMIZERS)
     weight_decay: float = _opt(0.05, "Weight decay (decoupled for AdamW).")
     scheduler: str = _opt("onecycle", "Learning-rate schedule over --epochs: onecycle warms up for --warmup-epochs, then "
-                                      "anneals to zero each step; cosine anneals per epoch from the start.",
-                          ("onecycle", "cosine", "none"))
+                                      "anneals to zero each step along a cosine; linear does the same along a straight line "
+                                      "(budget-aware); cosine anneals per epoch from the start.",
+                          ("onecycle", "linear", "cosine", "none"))
     warmup_epochs: float = _opt(2.0, "Warm-up length of the onecycle schedule, in epochs (kept shorter than the run).")
     label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy loss.")
     mixup: float = _opt(0.0, "MixUp alpha: each training batch is blended with a shifted copy of itself, labels too, "
                              "by a Beta(alpha, alpha) weight (0: off).")
     ema: float = _opt(0.0, "Decay per step of an exponential moving average of the weights (and batch-norm statistics), "
                            "which is what is evaluated and kept (0: off; 0.999 averages over about 1,000 steps).")
+    tta: str = _opt("none", "Test-time averaging: d4 averages the logits over the 8 rotations by 90° and mirror images of "
+                            "each crop (exact symmetries of cells that lie in any orientation) wherever the model predicts: "
+                            "validation, evaluate, predict and serving; 8× the inference compute, no training cost.",
+                    ("none", "d4"))
     monitor: str = _opt("valid_f1", "Validation metric for early stopping and model selection (valid_f1 is macro F1).", MONITORS)
     # runtime
     seed: int = _opt(42, "Seed for the split, initialisation, shuffling and augmentation.", tunable=False)
@@ -130,6 +143,10 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.width >= 4, f"--width must be at least 4, got {self.width}"),
             (self.image_size >= 16, f"--image-size must be at least 16, got {self.image_size}"),
+            (self.progressive_from == 0 or 16 <= self.progressive_from <= self.image_size,
+             f"--progressive-from must be 0 (off) or between 16 and --image-size {self.image_size}, got {self.progressive_from}"),
+            (not self.progressive_from or self.model not in ("simple_cnn", "improved_cnn"),
+             f"--progressive-from needs a network that takes any input size; {self.model} has a fixed-size classifier"),
             (0 <= self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
              f"--valid-frac must be in [0, 1), --test-frac in (0, 1), and they must sum below 1, got {self.valid_frac} "
              f"and {self.test_frac}"),
@@ -161,8 +178,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A stored config (a logged model's): fields it predates take the value that reproduces how it was trained."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{**ADDED_LATER, **{k: v for k, v in values.items() if k in known}})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":

@@ -420,11 +420,12 @@ def load_tensors(dataset: Dataset, size: int, channels: int, resize: str, cache_
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0, rotation: float = 180.0,
-                  scale_shift: float = 0.1) -> torch.Tensor:
+                  scale_shift: float = 0.1, size: int | None = None) -> torch.Tensor:
     """A uint8 batch → a normalised float batch in [-1, 1] (as `normalize`), each image with its own
     random rotation (up to ±`rotation` degrees; 180: any angle, as cells lie in every orientation),
     mirror flip, scale and shift (±`scale_shift` × strength), brightness, contrast and colour
-    balance: one grid_sample call and one multiply-add."""
+    balance: one grid_sample call and one multiply-add. `size` resamples to a smaller side in the same
+    call (progressive resizing)."""
     n = images.shape[0]
 
     def uniform(low, high):
@@ -438,7 +439,8 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: fl
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1)
     pixels = images.float()  # 0..255; grid_sample is linear, so the scaling folds into the last step
-    grid = F.affine_grid(theta.to(images.device), list(pixels.shape), align_corners=False)
+    side = size or pixels.shape[-1]
+    grid = F.affine_grid(theta.to(images.device), [n, pixels.shape[1], side, side], align_corners=False)
     out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
     brightness = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
     contrast = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1).to(images.device)
@@ -455,6 +457,7 @@ class Batches:
     """Batches of (normalised float images, labels) from cached uint8 tensors; reshuffled each pass.
 
     Augmentation happens here, on whole batches, only when `augment` is set (the training split).
+    `size`, when set (progressive resizing), is the side the batches are resampled to.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, shuffle: bool = False,
@@ -465,6 +468,7 @@ class Batches:
         self.rotation, self.scale_shift = rotation, scale_shift
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
+        self.size: int | None = None
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch - 1) // self.batch
@@ -475,8 +479,12 @@ class Batches:
         for start in range(0, n, self.batch):
             index = order[start:start + self.batch]
             x = self.images[index].to(self.device, non_blocking=True)
-            x = (augment_batch(x, self.generator, self.strength, self.rotation, self.scale_shift) if self.augment
-                 else normalize(x))
+            if self.augment:
+                x = augment_batch(x, self.generator, self.strength, self.rotation, self.scale_shift, self.size)
+            else:
+                x = normalize(x)
+                if self.size and self.size != x.shape[-1]:
+                    x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
             yield x, self.labels[index].to(self.device, non_blocking=True)
 
 

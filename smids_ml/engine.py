@@ -87,15 +87,28 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """(scheduler, steps it per batch?): onecycle warms up then anneals every step; cosine every epoch."""
+    """(scheduler, steps it per batch?): onecycle and linear warm up then anneal every step, along a cosine
+    or a straight line to zero; cosine anneals every epoch."""
     total = cfg.epochs * steps_per_epoch
-    if cfg.scheduler == "onecycle" and total >= 3:  # OneCycleLR needs a step in each of its two phases
+    if cfg.scheduler in ("onecycle", "linear") and total >= 3:  # OneCycleLR needs a step in each of its two phases
         warmup = min(max(round(cfg.warmup_epochs * steps_per_epoch), 2), total - 1)
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=warmup / total), True
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warmup / total,
+            anneal_strategy="cos" if cfg.scheduler == "onecycle" else "linear"), True
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs), False
     return None, False
+
+
+def epoch_sizes(cfg: TrainConfig) -> list[int]:
+    """The input side of each epoch: --image-size throughout, or with --progressive-from a linear ramp (in
+    steps of 8 px) from that side at the first epoch to --image-size at three quarters of the schedule."""
+    if not cfg.progressive_from:
+        return [cfg.image_size] * cfg.epochs
+    ramp = max(round(cfg.epochs * 0.75) - 1, 1)
+    grow = cfg.image_size - cfg.progressive_from
+    return [min(cfg.image_size, cfg.progressive_from + 8 * round(grow * min(e / ramp, 1.0) / 8))
+            for e in range(cfg.epochs)]
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
@@ -190,14 +203,16 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
     sign = -1.0 if cfg.monitor == "valid_loss" else 1.0
     history, best_score, best_state, waited = History(), -float("inf"), None, 0
     validating = len(batches["valid"]) > 0
+    sizes = epoch_sizes(cfg)
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
+        batches["train"].size = sizes[epoch - 1]
         metrics = train_one_epoch(model, batches["train"], optimizer, criterion, device, precision,
                                   scheduler if per_step else None, mix, ema)
         if validating:
             metrics.update(evaluate(kept, batches["valid"], device, "valid", precision))
-        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - start)
+        metrics.update(lr=lr, image_size=sizes[epoch - 1], epoch_seconds=time.perf_counter() - start)
         if scheduler and not per_step:
             scheduler.step()
         history.epochs.append(metrics)

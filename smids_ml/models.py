@@ -84,6 +84,22 @@ class SmidsResNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class D4Average(nn.Module):
+    """Test-time averaging over the dihedral group of the square: in eval mode the logits are the mean over
+    the 8 rotations by 90° and mirror images of the input (a cell lies in every orientation, so these are
+    exact symmetries of the task); training sees one view, as before."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.network(x)
+        views = [torch.rot90(image, k, (2, 3)) for image in (x, x.flip(3)) for k in range(4)]
+        return self.network(torch.cat(views)).unflatten(0, (8, len(x))).mean(0)
+
+
 def weights_path(name: str) -> str:
     """Where torchvision looks for `name`'s ImageNet weights (the torch hub cache)."""
     url = TORCHVISION[name][1].url
@@ -144,9 +160,10 @@ def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35,
 
 
 def build_for(cfg, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """The network a TrainConfig describes; ImageNet weights only for a training run that asks for them
-    (a trained model's weights replace them anyway)."""
-    return build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, pretrained, cfg.width)
+    """The network a TrainConfig describes, wrapped for test-time averaging with --tta d4; ImageNet weights
+    only for a training run that asks for them (a trained model's weights replace them anyway)."""
+    network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, pretrained, cfg.width)
+    return D4Average(network) if cfg.tta == "d4" else network
 
 
 def count_parameters(model: nn.Module) -> int:

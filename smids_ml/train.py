@@ -24,6 +24,7 @@ import torch
 
 from smids_ml import SmidsError
 from smids_ml import plots, tracking
+from smids_ml.compute import training_flops
 from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
 from smids_ml.console import steps, stops_cleanly
 from smids_ml.data import MANIFEST_COLUMNS, SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches
@@ -87,6 +88,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
                            cfg.rotation, cfg.scale_shift)
     tracking.log_run_context(cfg, dataset, count_parameters(network))
+    mlflow.log_metric("train_tflop", training_flops(cfg, len(dataset.classes), int(batches["train"].labels.numel())) / 1e12)
     with steps(f"Training {cfg.model}", cfg.epochs) as bar:
         def show(epoch: int, metrics: dict) -> None:
             shown = ("train_loss", "valid_acc", "valid_f1") if "valid_acc" in metrics else ("train_loss", "train_acc")

@@ -1,0 +1,30 @@
+"""Training compute counted, not timed: FLOPs of the convolutions and matrix products per training step
+(forward and backward, torch's own flop counter), times images, times epochs at each epoch's input size.
+A count holds across machines, where minutes differ several-fold between CPUs."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from smids_ml.config import TrainConfig
+from smids_ml.engine import epoch_sizes
+from smids_ml.models import build
+
+
+def step_flops(network: torch.nn.Module, channels: int, size: int) -> float:
+    """FLOPs of one training step (forward and backward) per image at `size` px, in train mode."""
+    network.train()
+    images = torch.zeros(2, channels, size, size)  # batch norm needs two images in train mode
+    with FlopCounterMode(display=False) as counter:
+        network(images).sum().backward()
+    network.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(images)
+
+
+def training_flops(cfg: TrainConfig, num_classes: int, train_images: int) -> float:
+    """FLOPs of a whole training run of `cfg` on `train_images` images (every epoch, at its size)."""
+    network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, width=cfg.width)
+    sizes = epoch_sizes(cfg)
+    per_size = {size: step_flops(network, cfg.channels, size) for size in set(sizes)}
+    return sum(per_size[size] for size in sizes) * train_images
