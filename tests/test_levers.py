@@ -1,0 +1,114 @@
+"""The compute levers do what they claim: progressive resizing, the linear schedule, D4 test-time averaging,
+and the FLOP count they are judged by."""
+
+from __future__ import annotations
+
+import base64
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from torch import nn
+
+from smids_ml.compute import step_flops, training_flops
+from smids_ml.config import TrainConfig
+from smids_ml.engine import epoch_sizes, make_scheduler
+from smids_ml.models import D4Average, build_for
+from smids_ml.train import train
+from tests.conftest import TINY
+
+
+def test_progressive_resizing_ramps_from_the_small_side_to_full_size_by_three_quarters():
+    sizes = epoch_sizes(TrainConfig(epochs=20, image_size=96, progressive_from=48))
+    assert sizes[0] == 48 and sizes == sorted(sizes)
+    assert all(s % 8 == 0 for s in sizes)
+    assert sizes[14:] == [96] * 6 and 48 < sizes[9] < 96  # full size from three quarters of the schedule on
+    assert epoch_sizes(TrainConfig(epochs=5, image_size=96)) == [96] * 5
+
+
+def test_progressive_training_runs_the_early_epochs_smaller_and_logs_each_epochs_side(tracking, synth_data):
+    cfg = TrainConfig(data=str(synth_data), **{**TINY, "model": "smids_resnet", "epochs": 4, "image_size": 48,
+                                               "progressive_from": 32}).validate()
+    result = train(cfg, experiment=tracking)
+    assert [e["image_size"] for e in result.history.epochs] == [32, 40, 48, 48]
+    history = MlflowClient().get_metric_history(result.run_id, "image_size")
+    assert [m.value for m in history] == [32, 40, 48, 48]
+    # the counted compute follows the smaller early epochs
+    run = MlflowClient().get_run(result.run_id)
+    full = training_flops(cfg.replace(progressive_from=0), 3, int(run.data.params["n_train"]))
+    assert run.data.metrics["train_tflop"] * 1e12 == pytest.approx(training_flops(cfg, 3, int(run.data.params["n_train"])))
+    assert run.data.metrics["train_tflop"] * 1e12 < 0.85 * full
+
+
+def test_progressive_resizing_is_refused_for_fixed_size_classifiers():
+    with pytest.raises(Exception, match="--progressive-from needs a network that takes any input size"):
+        TrainConfig(model="improved_cnn", progressive_from=32, image_size=64).validate()
+    with pytest.raises(Exception, match="--progressive-from must be 0 \\(off\\) or between 16 and --image-size 64"):
+        TrainConfig(progressive_from=80, image_size=64).validate()
+
+
+def test_linear_schedule_warms_up_then_falls_in_a_straight_line_to_zero():
+    weight = nn.Parameter(torch.zeros(1))
+    cfg = TrainConfig(epochs=10, warmup_epochs=1, lr=1.0, scheduler="linear")
+    optimizer = torch.optim.SGD([weight], lr=cfg.lr)
+    scheduler, per_step = make_scheduler(optimizer, cfg, steps_per_epoch=10)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert per_step and max(rates) == pytest.approx(1.0) and rates.index(max(rates)) == 9
+    falls = [a - b for a, b in zip(rates[9:], rates[10:])]
+    assert max(falls) == pytest.approx(min(falls), rel=1e-3)  # a straight line, not a cosine
+    assert rates[-1] < 0.02
+
+
+def test_d4_averaging_is_invariant_to_the_squares_symmetries_and_trains_on_one_view():
+    torch.manual_seed(0)
+    cfg = TrainConfig(model="smids_resnet", image_size=32, tta="d4", width=8)
+    network = build_for(cfg, 3)
+    assert isinstance(network, D4Average)
+    network.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = network(images)
+        for view in (torch.rot90(images, 1, (2, 3)), images.flip(3), torch.rot90(images.flip(2), 3, (2, 3))):
+            torch.testing.assert_close(network(view), logits, atol=1e-5, rtol=1e-4)
+        single = network.network(images)
+    assert not torch.allclose(single, logits, atol=1e-4)
+    network.train()
+    assert network(images).shape == (2, 3)  # one view while training
+
+
+def test_a_d4_model_serves_the_same_answer_for_a_rotated_crop(tracking, synth_data, tmp_path):
+    cfg = TrainConfig(data=str(synth_data), **{**TINY, "model": "smids_resnet", "tta": "d4"}).validate()
+    result = train(cfg, experiment=tracking)
+    source = sorted(synth_data.rglob("*.bmp"))[0]
+    square = Image.open(source).convert("RGB").resize((48, 48))
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    square.save(files[0])
+    square.transpose(Image.Transpose.ROTATE_90).save(files[1])
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    out = model.predict(pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]}))
+    torch.testing.assert_close(torch.tensor(out[result.dataset.classes].to_numpy()[0]),
+                               torch.tensor(out[result.dataset.classes].to_numpy()[1]), atol=1e-4, rtol=1e-3)
+
+
+def test_a_stored_config_without_the_new_fields_means_no_test_time_averaging():
+    stored = TrainConfig().to_dict()
+    for key in ("tta", "progressive_from"):
+        stored.pop(key)
+    assert TrainConfig.from_dict(stored).tta == "none" and TrainConfig.from_dict(stored).progressive_from == 0
+
+
+def test_flop_count_agrees_with_a_hand_count():
+    network = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 5, bias=False))
+    conv = 2 * (8 * 8) * 4 * 3 * 3 * 3  # multiply-adds of each output element
+    linear = 2 * 256 * 5
+    # backward: the weight gradients of both layers and the linear layer's input gradient (the images need none)
+    assert step_flops(network, 3, 8) == conv + linear + conv + 2 * linear
+    cfg = TrainConfig(model="smids_resnet", image_size=32, epochs=3, width=8)
+    assert training_flops(cfg, 3, 10) == pytest.approx(3 * 10 * step_flops(build_for(cfg, 3), 3, 32))
