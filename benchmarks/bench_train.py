@@ -6,7 +6,9 @@ and transforms per item, default memory layout), on the same grayscale model, wi
 only channels-last to the original so the two gains can be told apart; then every model of the zoo,
 and fp32 against bf16 autocast at the default input size for the default network and the torchvision
 ones (bf16 pays only on CPUs with native bf16, AVX512-BF16 or AMX, and only for the dense convolutions of
-smids_resnet and resnet18: `--precision auto` uses it only there).
+smids_resnet and resnet18: `--precision auto` uses it only there). Those rows also give the achieved
+GFLOP/s of a training step (counted FLOPs, `smids_ml.compute`, times images/s) beside this machine's own peak
+for that precision, measured in the same run by a large matrix product on the same threads.
 Targets: at least 1.5x the original pipeline, input overhead under 10% of the epoch.
 """
 
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import machine, original_loader, synthetic_set, table
+from smids_ml.compute import step_flops
 from smids_ml.config import MODELS, TrainConfig
 from smids_ml.data import Batches, build_dataset, load_tensors
 from smids_ml.engine import cpu_has_native_bf16, train_one_epoch
@@ -56,6 +59,17 @@ def train_rate(model: nn.Module, batches, limit: int | None = None, channels_las
             optimizer.step()
             images += len(y)
     return images, time.perf_counter() - start
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """GFLOP/s of repeated n×n matrix products in `dtype` on torch's threads: the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return 2 * n ** 3 * runs / (time.perf_counter() - start) / 1e9
 
 
 def input_seconds(batches) -> float:
@@ -102,18 +116,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         small = load_tensors(dataset, size, 3, "pad", Path(cache))
     native = "native bf16" if cpu_has_native_bf16() else "no native bf16 on this CPU"
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     for name in (TrainConfig().model, "resnet18", "mobilenet_v3_small", "efficientnet_b0"):
         fp32 = None
+        flops = step_flops(build(name, 3, channels=3, image_size=size), 3, size)
         for precision in ("fp32", "bf16"):
             batches = Batches(small, labels, BATCH, shuffle=True, augment=True, seed=0)
             n, seconds = train_rate(build(name, 3, channels=3, image_size=size), batches, ZOO_BATCHES,
                                     precision=precision)
             fp32 = fp32 or n / seconds
+            achieved = flops * n / seconds / 1e9
             rows.append([f"{name} {size} px {precision} ({native})", n, seconds, n / seconds,
-                         f"{n / seconds / fp32:.2f}x fp32", ""])
+                         f"{n / seconds / fp32:.2f}x fp32", "", f"{achieved:.0f}", f"{achieved / peaks[precision]:.0%}"])
 
-    print(table(["model and pipeline", "images", "seconds", "images/s", "vs original", "input share"],
-                [[*r[:5], f"{r[5]:.1%}" if isinstance(r[5], float) else r[5]] for r in rows]))
+    print(table(["model and pipeline", "images", "seconds", "images/s", "vs original", "input share", "GFLOP/s",
+                 "of peak"],
+                [[*r[:5], f"{r[5]:.1%}" if isinstance(r[5], float) else r[5], *(r[6:] or ["", ""])] for r in rows]))
+    print(f"peak of a 2048² matrix product on {torch.get_num_threads()} threads: fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s ({native})")
     speedup, overhead = results[1]
     print(f"target: >= {SPEEDUP_TARGET}x the original on the same model: {speedup:.2f}x "
           f"{'met' if speedup >= SPEEDUP_TARGET else 'MISSED'}; input overhead < {OVERHEAD_TARGET:.0%}: "

@@ -15,5 +15,16 @@ class SmidsError(click.ClickException):
     """
 
 
+def _one_line_interrupt(kind, value, traceback, _default=sys.excepthook):
+    """Ctrl-C before a command has started (while torch and MLflow import, which takes seconds) ends in one
+    line instead of a traceback through importlib; once running, `console.stops_cleanly` handles it."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("Aborted: interrupted before the command started; nothing was recorded", file=sys.stderr)
+    else:
+        _default(kind, value, traceback)
+
+
+sys.excepthook = _one_line_interrupt
+
 if not sys.stderr.isatty():  # progress bars only on a terminal
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

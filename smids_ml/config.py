@@ -23,6 +23,7 @@ OPTIMIZERS = ("Adam", "AdamW", "SGD")
 MONITORS = ("valid_f1", "valid_acc", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_IMAGE_SIZE = 1024  # far beyond any crop; the image cache grows with the square
 
 
 # Named partial configs. The default recipe is TrainConfig's own defaults (chosen by 5-fold
@@ -142,7 +143,8 @@ class TrainConfig:
                                                              f"0.5, got {self.scale_shift} × {self.augment_strength}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.width >= 4, f"--width must be at least 4, got {self.width}"),
-            (self.image_size >= 16, f"--image-size must be at least 16, got {self.image_size}"),
+            (16 <= self.image_size <= MAX_IMAGE_SIZE, f"--image-size must be between 16 and {MAX_IMAGE_SIZE} pixels, got "
+                                                       f"{self.image_size}"),
             (self.progressive_from == 0 or 16 <= self.progressive_from <= self.image_size,
              f"--progressive-from must be 0 (off) or between 16 and --image-size {self.image_size}, got {self.progressive_from}"),
             (not self.progressive_from or self.model not in ("simple_cnn", "improved_cnn"),

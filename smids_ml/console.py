@@ -44,8 +44,20 @@ def steps(label: str, length: int):
         yield _Lines(label)
 
 
+_signalled = False
+
+
 def _interrupt(signum, frame):
+    global _signalled
+    _signalled = True
     raise KeyboardInterrupt
+
+
+def stop_if_signalled() -> None:
+    """Raise KeyboardInterrupt again if Ctrl-C or SIGTERM came earlier: Python only prints an interrupt that
+    lands in a finaliser or callback and carries on, so long loops (epochs, figures) call this to stop promptly."""
+    if _signalled:
+        raise KeyboardInterrupt
 
 
 def stops_cleanly(what: str):
@@ -55,13 +67,14 @@ def stops_cleanly(what: str):
     def decorate(command):
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
-            previous = signal.signal(signal.SIGTERM, _interrupt)
+            previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
             try:
                 return command(*args, **kwargs)
             except KeyboardInterrupt:
                 from smids_ml import SmidsError
                 raise SmidsError(f"interrupted: {what}") from None
             finally:
-                signal.signal(signal.SIGTERM, previous)
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
         return wrapper
     return decorate

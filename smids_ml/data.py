@@ -42,14 +42,18 @@ class ImageError(ValueError):
 
 
 def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode an image fully (path or bytes), refusing empty, truncated, non-image and oversized input."""
+    """Decode an image fully (path or bytes), refusing empty, truncated, non-image and oversized input;
+    pixels wider than 8 bits come back as 8-bit with their full range (`to_8bit`)."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError("empty input (0 bytes)")
         stream = io.BytesIO(source)
     else:
-        if os.path.getsize(source) == 0:
-            raise ImageError("empty file (0 bytes)")
+        try:
+            if os.path.getsize(source) == 0:
+                raise ImageError("empty file (0 bytes)")
+        except OSError as exc:  # a symbolic-link loop, a dangling link, no permission
+            raise ImageError(f"cannot be read ({exc.strerror or exc})") from None
         stream = source
     try:
         image = Image.open(stream)
@@ -64,7 +68,43 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) 
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"truncated or corrupt image ({exc})") from None
-    return image
+    return to_8bit(image)
+
+
+# Modes Pillow converts to L/RGB without losing range: 8-bit channels, palettes, bilevel.
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """8-bit pixels with the full range of wider ones (Pillow's own convert clips 16-bit grey to white):
+    16-bit grey scaled by its bit depth; 32-bit integers by the depth their values use (8 or 16 bits),
+    else by their own range; floats in [0, 1] by 255, other floats by their own range. A scaling by the
+    image's own range is noted in `image.info["scaled"]` for the data report. 16-bit RGB TIFFs arrive
+    here as 8-bit already (Pillow keeps their high bytes)."""
+    if image.mode in EIGHT_BIT_MODES:
+        return image
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.float64) / 257
+    elif image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not np.isfinite(values).all():
+            raise ImageError(f"{image.mode} pixels hold NaN or infinite values")
+        if image.mode == "F" and low >= 0 and high <= 1:
+            values = values * 255
+        elif image.mode == "I" and low >= 0 and high <= 255:
+            pass
+        elif image.mode == "I" and low >= 0 and high <= 65535:
+            values = values / 257
+        else:
+            kind = "float" if image.mode == "F" else "32-bit integer"
+            values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+            converted = Image.fromarray(np.rint(values).astype(np.uint8), "L")
+            converted.info["scaled"] = f"scaled by its own range ({kind} pixels {low:g} to {high:g})"
+            return converted
+    else:
+        raise ImageError(f"pixel mode {image.mode} cannot be converted to 8-bit colour faithfully")
+    return Image.fromarray(np.rint(values).astype(np.uint8), "L")
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -103,20 +143,27 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- scanning
 
 
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def canonical_class(name: str) -> str:
     return CLASS_ALIASES.get(name, name)
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files by extension; links that lead nowhere are listed too, so the data report names them."""
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _class_folders(folder: Path) -> dict[str, Path]:
-    """Sub-folders of `folder` that hold image files, by canonical class name."""
-    found = {}
+def _class_folders(folder: Path) -> dict[str, list[Path]]:
+    """Sub-folders of `folder` that hold image files, by canonical class name: two spellings of one class
+    (`Non-Sperm/` and `Non_Sperm/`) are one class with both folders."""
+    found: dict[str, list[Path]] = {}
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in child.iterdir() if p.is_file()):
-            found.setdefault(canonical_class(child.name), child)
+            found.setdefault(canonical_class(child.name), []).append(child)
     return found
 
 
@@ -164,14 +211,11 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Pat
                              f"(found: {', '.join(folders) or 'none'})")
         folders = {canonical_class(c): folders[canonical_class(c)] for c in classes}
     rows = []
-    for label, folder in folders.items():
-        for file in _image_files(folder):
+    for label, spellings in folders.items():
+        for file in (f for folder in spellings for f in _image_files(folder)):
             rel = file.relative_to(class_root).as_posix()
-            try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:  # bytes the file system could not decode: no CSV can hold the name
-                shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
-                click.echo(f"skipped {shown}: the file name is not valid UTF-8; rename the file to use it", err=True)
+            if printable(rel) != rel:  # bytes the file system could not decode: no manifest can hold the name
+                click.echo(f"skipped {printable(rel)}: the file name is not valid UTF-8; rename the file to use it", err=True)
                 continue
             rows.append((rel, label))
     return class_root, pd.DataFrame(rows, columns=["path", "label"])
@@ -188,9 +232,10 @@ class CheckReport:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     duplicates: list[list[str]] = field(default_factory=list)  # same-label groups of paths
     conflicts: list[list[str]] = field(default_factory=list)  # groups spanning several labels
+    notes: list[str] = field(default_factory=list)  # merged class folders, images scaled by their own range
 
     def lines(self) -> list[str]:
-        out = [f"skipped {path}: {reason}" for path, reason in self.problems]
+        out = [f"skipped {path}: {reason}" for path, reason in self.problems] + self.notes
         out += [f"duplicates (kept in one split): {', '.join(g)}" for g in self.duplicates]
         out += [f"label conflict (excluded): {', '.join(g)}" for g in self.conflicts]
         return out
@@ -200,18 +245,26 @@ def describe_file(path: Path) -> dict:
     """Decode one file and describe it; raises ImageError."""
     image = open_image(path)
     return {"hash": pixel_hash(image), "width": image.width, "height": image.height,
-            "bytes": path.stat().st_size}
+            "bytes": path.stat().st_size, **({"scaled": image.info["scaled"]} if "scaled" in image.info else {})}
 
 
 def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckReport:
     """Decode every image, hash its pixels, skip (or with strict, refuse) what cannot be read."""
-    rows, problems = [], []
+    rows, problems, notes = [], [], []
+    for label, folders in frame.groupby("label")["path"]:
+        spellings = sorted(set(folders.str.split("/").str[0]))
+        if len(spellings) > 1:
+            notes.append(f"merged {', '.join(f + '/' for f in spellings)} as one class, {label}")
     with progress(list(frame.itertuples(index=False)), "Checking images") as items:
         for row in items:
             try:
-                rows.append({"path": row.path, "label": row.label, **describe_file(class_root / row.path)})
+                described = describe_file(class_root / row.path)
             except ImageError as exc:
                 problems.append((row.path, str(exc)))
+                continue
+            if "scaled" in described:
+                notes.append(f"{described.pop('scaled')}: {row.path}")
+            rows.append({"path": row.path, "label": row.label, **described})
     if problems and strict:
         path, reason = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -224,7 +277,7 @@ def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckR
             (conflicts if group["label"].nunique() > 1 else duplicates).append(paths)
     excluded = {p for g in conflicts for p in g}
     checked = checked[~checked["path"].isin(excluded)].reset_index(drop=True)
-    return CheckReport(checked, problems, duplicates, conflicts)
+    return CheckReport(checked, problems, duplicates, conflicts, notes)
 
 
 # --------------------------------------------------------------------------- splitting

@@ -25,7 +25,7 @@ from PIL import Image
 
 from smids_ml import SmidsError
 from smids_ml.console import progress
-from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, open_image
+from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, open_image, printable
 from smids_ml.serving import load_classifier
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
@@ -132,7 +132,7 @@ def to_table(model, samples: list[Sample], min_confidence: float) -> pd.DataFram
     good = [i for i, s in enumerate(samples) if s.error is None]
     probs = np.stack([samples[i].probs for i in good]) if good else np.zeros((0, len(model.classes)), np.float32)
     predicted = model.to_frame(probs).set_axis(good)
-    table = pd.DataFrame({"path": [s.path for s in samples],
+    table = pd.DataFrame({"path": [printable(s.path) for s in samples],
                           "frame": pd.array([s.frame for s in samples], dtype="Int64")}).join(predicted)
     table.loc[table["confidence"] < min_confidence, "label"] = UNCERTAIN
     table["error"] = [s.error for s in samples]

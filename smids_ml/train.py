@@ -26,7 +26,7 @@ from smids_ml import SmidsError
 from smids_ml import plots, tracking
 from smids_ml.compute import training_flops
 from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
-from smids_ml.console import steps, stops_cleanly
+from smids_ml.console import steps, stop_if_signalled, stops_cleanly
 from smids_ml.data import MANIFEST_COLUMNS, SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build_for, count_parameters
@@ -91,6 +91,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     mlflow.log_metric("train_tflop", training_flops(cfg, len(dataset.classes), int(batches["train"].labels.numel())) / 1e12)
     with steps(f"Training {cfg.model}", cfg.epochs) as bar:
         def show(epoch: int, metrics: dict) -> None:
+            stop_if_signalled()
             shown = ("train_loss", "valid_acc", "valid_f1") if "valid_acc" in metrics else ("train_loss", "train_acc")
             bar.label = (f"epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown)
                          + f" ({metrics['epoch_seconds']:.0f} s)")

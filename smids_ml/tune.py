@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
-from smids_ml.console import stops_cleanly
+from smids_ml.console import stop_if_signalled, stops_cleanly
 from smids_ml.data import Dataset
 from smids_ml.models import build_for
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, suggest
@@ -359,6 +359,7 @@ def log_study(study: optuna.Study, monitor: str) -> None:
     if len(complete) >= 2:
         figures["param_importances"] = ov.plot_param_importances
     for name, plot in figures.items():
+        stop_if_signalled()  # an interrupted study exits now; the next run of it draws the figures
         try:
             axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances with one varying param

@@ -29,6 +29,28 @@ def make_dataset(root: Path, classes=("Abnormal_Sperm", "Non-Sperm", "Normal_Spe
     return root
 
 
+def write_wide_twins(folder: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:
+    """Images as cameras write them beside their 8-bit equivalents: {kind: (8-bit file, wide file)} for a
+    16-bit grey PNG, a 16-bit RGB TIFF and a float TIFF in [0, 1]."""
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (44, 36), dtype=np.uint8)
+    pairs = {"grey16": (Image.fromarray(grey), Image.fromarray(grey.astype(np.uint16) * 257)),
+             "float": (Image.fromarray(grey), Image.fromarray(grey.astype(np.float32) / 255))}
+    out = {}
+    for kind, (narrow, wide) in pairs.items():
+        out[kind] = (folder / f"{kind}-8bit.png", folder / f"{kind}.{'png' if kind == 'grey16' else 'tif'}")
+        narrow.save(out[kind][0])
+        wide.save(out[kind][1])
+    out["rgb16"] = (folder / "rgb16-8bit.png", folder / "rgb16.tif")
+    Image.fromarray(rgb).save(out["rgb16"][0])
+    tifffile.imwrite(out["rgb16"][1], rgb.astype(np.uint16) * 257, photometric="rgb")
+    return out
+
+
 def make_colour_dataset(root: Path, per_class: int = 12) -> Path:
     """Three classes told apart by colour alone: any working training learns it in an epoch or two."""
     rng = np.random.default_rng(0)

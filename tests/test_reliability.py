@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
+import numpy as np
+import optuna
 import pandas as pd
 import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
 
-from smids_ml.data import build_dataset, write_manifest
+from smids_ml.data import build_dataset, load_tensors, open_image, prepare_image, write_manifest
 from tests.conftest import TINY
-from tests.helpers import assert_one_line_error, invoke, make_dataset
+from tests.helpers import assert_one_line_error, invoke, make_dataset, write_image, write_wide_twins
 
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 
@@ -87,3 +96,121 @@ def test_predict_with_every_input_failing_gives_error_rows_and_exit_1(trained_mo
                      str(corrupt)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "0 predicted, 3 failed" in result.output and "no such file or folder" in result.output
+
+
+# --------------------------------------------------------------------------- images as cameras write them
+
+
+def test_wide_images_give_the_tensor_of_their_8bit_twins(tmp_path):
+    for kind, (narrow, wide) in write_wide_twins(tmp_path).items():
+        for channels in (1, 3):
+            expected = prepare_image(open_image(narrow), 48, channels, "pad")
+            assert torch.equal(prepare_image(open_image(wide), 48, channels, "pad"), expected), (kind, channels)
+
+
+def test_float_pixels_outside_0_1_are_scaled_by_their_own_range_and_reported(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=6)
+    values = np.linspace(-2.0, 6.0, 40 * 30, dtype=np.float32).reshape(30, 40)
+    Image.fromarray(values).save(root / "Normal_Sperm" / "float-wide.tif")
+    dataset = build_dataset(root)
+    assert "Normal_Sperm/float-wide.tif" in set(dataset.manifest["path"])
+    assert "scaled by its own range (float pixels -2 to 6): Normal_Sperm/float-wide.tif" in dataset.report.lines()
+    pixels = np.asarray(open_image(root / "Normal_Sperm" / "float-wide.tif"))
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+def test_a_folder_of_wide_images_trains_on_the_tensors_of_its_8bit_twins(tmp_path, tracking):
+    narrow_root, wide_root = tmp_path / "narrow", tmp_path / "wide"
+    for label_index, label in enumerate(("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm")):
+        for i in range(4):
+            for kind, (narrow, wide) in write_wide_twins(tmp_path / "made" / f"{label_index}-{i}",
+                                                         seed=10 * label_index + i).items():
+                for source, root in ((narrow, narrow_root), (wide, wide_root)):
+                    (root / label).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(source, root / label / f"{i}-{kind}{source.suffix}")
+    tensors = [load_tensors(build_dataset(root, test_frac=0.2, valid_frac=0.2), 32, 3, "pad", tmp_path / "cache")
+               for root in (narrow_root, wide_root)]
+    assert torch.equal(*tensors)
+    result = invoke(["train", "--data", str(wide_root), "--experiment", tracking, *TINY_FLAGS])
+    assert result.exit_code == 0 and "skipped" not in result.output, result.output
+    [run] = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    assert run.data.params["count_Normal_Sperm"] == "12"
+
+
+def test_predict_answers_wide_images_as_their_8bit_twins(trained_model, tmp_path):
+    twins = write_wide_twins(tmp_path)
+    out = tmp_path / "predictions.csv"
+    files = [str(f) for pair in twins.values() for f in pair]
+    result = invoke(["predict", trained_model["uri"], *files, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out).set_index("path")
+    classes = list(trained_model["result"].dataset.classes)
+    for narrow, wide in twins.values():
+        np.testing.assert_allclose(table.loc[str(wide), classes], table.loc[str(narrow), classes], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- folders and names
+
+
+def test_two_spellings_of_one_class_are_merged_and_reported(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=6)
+    for i in range(3):
+        write_image(root / "Non_Sperm" / f"Non_Sperm ({i}).png", seed=777 + i)
+    dataset = build_dataset(root)
+    assert (dataset.manifest["label"] == "Non-Sperm").sum() == 6 + 3
+    assert {p.split("/")[0] for p in dataset.manifest["path"]} >= {"Non-Sperm", "Non_Sperm"}
+    assert "merged Non-Sperm/, Non_Sperm/ as one class, Non-Sperm" in dataset.report.lines()
+
+
+def test_a_link_that_loops_is_named_in_the_data_report(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=6)
+    os.symlink("loop-b.png", root / "Normal_Sperm" / "loop-a.png")
+    os.symlink("loop-a.png", root / "Normal_Sperm" / "loop-b.png")
+    lines = build_dataset(root).report.lines()
+    assert any(line.startswith("skipped Normal_Sperm/loop-a.png: cannot be read") for line in lines), lines
+
+
+def test_predict_over_a_name_that_is_not_utf8_writes_its_row_and_names_the_file(trained_model, synth_data, tmp_path):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    shutil.copy(synth_data / "Normal_Sperm" / "Normal_Sperm (2).bmp", folder / "good.bmp")
+    shutil.copy(synth_data / "Normal_Sperm" / "Normal_Sperm (3).bmp", os.fsencode(folder) + b"/bad\xff.bmp")
+    out = tmp_path / "predictions.csv"
+    result = invoke(["predict", trained_model["uri"], str(folder), "--output", str(out)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    table = pd.read_csv(out)
+    assert len(table) == 2 and table["error"].isna().all()
+    assert f"{folder}/bad\\xff.bmp" in set(table["path"])
+
+
+def test_an_image_size_far_beyond_any_crop_is_one_line_before_any_run(synth_data, tracking):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, "--image-size", "100000"])
+    assert_one_line_error(result, "--image-size must be between 16 and 1024 pixels, got 100000")
+    assert mlflow.get_experiment_by_name(tracking) is None
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "smids_ml.train", "--help"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # torch alone takes seconds to import
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and out == "", out
+    assert err.strip() == "Aborted: interrupted before the command started; nothing was recorded", err
+
+
+def test_an_interrupted_study_logs_no_figures_and_stops(tracking, monkeypatch):
+    from smids_ml import console
+    from smids_ml.tune import log_study
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("lr", 1e-4, 1e-2), n_trials=3)
+    mlflow.set_experiment(tracking)
+    monkeypatch.setattr(console, "_signalled", True)  # a Ctrl-C or SIGTERM came and was swallowed
+    with pytest.raises(KeyboardInterrupt), mlflow.start_run() as run:
+        log_study(study, "valid_f1")
+    logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert logged == {"study_summary.csv"}  # what the study has, without the minutes of figure drawing

@@ -24,6 +24,7 @@ from smids_ml.data import MAX_PIXELS, SMIDS_CLASSES
 from smids_ml.predict import main as predict
 from smids_ml.serving import MAX_IMAGE_BYTES, MAX_REQUEST_IMAGES
 from tests.conftest import BIN, ROOT, free_port, stop, wait_for_http
+from tests.helpers import write_wide_twins
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,16 @@ def test_the_proxy_refuses_an_oversize_body_and_passes_good_requests(proxy, imag
     oversize = b'{"inputs": {"image": ["' + b"A" * (33 * 1024 * 1024) + b'"]}}'
     assert raw_post_status(proxy, oversize) == 413
     assert post(proxy, payload("inputs", encoded[:1]))[0] == 200  # and it keeps serving
+
+
+def test_the_served_model_answers_wide_images_as_their_8bit_twins(server, tmp_path):
+    twins = write_wide_twins(tmp_path)
+    files = [f for pair in twins.values() for f in pair]
+    status, answer = post(server, payload("inputs", [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]))
+    assert status == 200, answer
+    rows = answer["predictions"]
+    for i in range(0, len(rows), 2):  # each 8-bit file, then its wide twin
+        narrow, wide = rows[i], rows[i + 1]
+        assert wide["label"] == narrow["label"]
+        for name in SMIDS_CLASSES:
+            assert math.isclose(wide[name], narrow[name], abs_tol=1e-6), (files[i + 1].name, name)
