@@ -2,8 +2,14 @@
 
 import importlib
 
-MODULES = ("bench_data", "bench_train", "bench_tune", "bench_predict", "bench_workers")
+import click
+
+MODULES = ("bench_data", "bench_train", "bench_recipes", "bench_tune", "bench_predict", "bench_workers")
 
 for name in MODULES:
-    importlib.import_module(f"benchmarks.{name}").main()
+    main = importlib.import_module(f"benchmarks.{name}").main
+    if isinstance(main, click.Command):
+        main.main(args=[], standalone_mode=False)  # its defaults, and no exit between benchmarks
+    else:
+        main()
     print()

@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Fields added after models were first logged, with the value that means "as before" for a stored config
 # without them (a default may change; what an old model was trained and evaluated with may not).
-ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_from": 0}
+ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_from": 0, "orientations": "random"}
 
 
 def _opt(default, help, choices=None, tunable=True):
@@ -76,6 +76,11 @@ class TrainConfig:
                                     "trains at full size (0: off). An epoch costs about the square of its side.")
     augment_strength: float = _opt(1.0, "Scales the scale/shift and photometric augmentation (0 turns them off; rotation and flips stay).")
     rotation: float = _opt(180.0, "Largest random rotation in degrees (180: any angle, as cells lie in every orientation).")
+    orientations: str = _opt("random", "How training crops are turned (with --rotation 180): random draws an angle and a "
+                                       "mirror flip each time; cycle turns each crop through the 8 rotations by 90° and "
+                                       "mirror images of the square, one per epoch from a random start, plus a random "
+                                       "angle within ±45° (the same spread of angles, every orientation within 8 epochs).",
+                             ("random", "cycle"))
     scale_shift: float = _opt(0.1, "Largest random rescale and shift, as a fraction of the image (times --augment-strength).")
     # model
     model: str = _opt("smids_resnet", "Architecture.", MODELS)
@@ -138,6 +143,8 @@ class TrainConfig:
             (0 <= self.augment_strength < 5, f"--augment-strength must be in [0, 5) (at 5 the brightness jitter "
                                              f"reaches black), got {self.augment_strength}"),
             (0 <= self.rotation <= 180, f"--rotation must be in [0, 180] degrees, got {self.rotation}"),
+            (self.orientations == "random" or self.rotation == 180,
+             f"--orientations cycle turns crops through every orientation: it needs --rotation 180, got {self.rotation}"),
             (0 <= self.scale_shift < 0.5, f"--scale-shift must be in [0, 0.5), got {self.scale_shift}"),
             (self.scale_shift * self.augment_strength < 0.5, f"--scale-shift times --augment-strength must stay below "
                                                              f"0.5, got {self.scale_shift} × {self.augment_strength}"),

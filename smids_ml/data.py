@@ -473,19 +473,25 @@ def load_tensors(dataset: Dataset, size: int, channels: int, resize: str, cache_
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0, rotation: float = 180.0,
-                  scale_shift: float = 0.1, size: int | None = None) -> torch.Tensor:
+                  scale_shift: float = 0.1, size: int | None = None, turns: torch.Tensor | None = None) -> torch.Tensor:
     """A uint8 batch → a normalised float batch in [-1, 1] (as `normalize`), each image with its own
     random rotation (up to ±`rotation` degrees; 180: any angle, as cells lie in every orientation),
     mirror flip, scale and shift (±`scale_shift` × strength), brightness, contrast and colour
     balance: one grid_sample call and one multiply-add. `size` resamples to a smaller side in the same
-    call (progressive resizing)."""
+    call (progressive resizing). `turns` (0-7 per image: quarter turns, mirrored from 4 on) chooses each
+    image's element of the square's symmetry group instead of drawing it; a random angle within ±45°
+    is added, so the angles are spread as evenly as when drawn (orientation cycling)."""
     n = images.shape[0]
 
     def uniform(low, high):
         return torch.rand(n, generator=generator) * (high - low) + low
 
-    angle = uniform(-torch.pi * rotation / 180, torch.pi * rotation / 180)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    if turns is None:
+        angle = uniform(-torch.pi * rotation / 180, torch.pi * rotation / 180)
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    else:
+        angle = (turns % 4) * (torch.pi / 2) + uniform(-torch.pi / 4, torch.pi / 4)
+        flip = torch.where(turns >= 4, -1.0, 1.0)
     reach = scale_shift * strength
     scale = uniform(1 - reach, 1 + reach)
     shift_x, shift_y = uniform(-reach, reach), uniform(-reach, reach)
@@ -510,18 +516,25 @@ class Batches:
     """Batches of (normalised float images, labels) from cached uint8 tensors; reshuffled each pass.
 
     Augmentation happens here, on whole batches, only when `augment` is set (the training split).
-    `size`, when set (progressive resizing), is the side the batches are resampled to.
+    `size`, when set (progressive resizing), is the side the batches are resampled to. With `cycle`,
+    each image turns through the 8 orientations of the square, one per pass, from a random start.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, shuffle: bool = False,
                  augment: bool = False, strength: float = 1.0, seed: int = 0, device: str | torch.device = "cpu",
-                 rotation: float = 180.0, scale_shift: float = 0.1):
+                 rotation: float = 180.0, scale_shift: float = 0.1, cycle: bool = False):
         self.images, self.labels = images, labels
         self.batch, self.shuffle, self.augment, self.strength = batch, shuffle, augment, strength
         self.rotation, self.scale_shift = rotation, scale_shift
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.size: int | None = None
+        self.passes = 0
+        self.start_turns = torch.randint(0, 8, (len(labels),), generator=self.generator) if cycle else None
+
+    def turns(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The orientation (0-7) of each indexed image in the current pass, when cycling."""
+        return None if self.start_turns is None else (self.start_turns[index] + self.passes) % 8
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch - 1) // self.batch
@@ -533,16 +546,19 @@ class Batches:
             index = order[start:start + self.batch]
             x = self.images[index].to(self.device, non_blocking=True)
             if self.augment:
-                x = augment_batch(x, self.generator, self.strength, self.rotation, self.scale_shift, self.size)
+                x = augment_batch(x, self.generator, self.strength, self.rotation, self.scale_shift, self.size,
+                                  self.turns(index))
             else:
                 x = normalize(x)
                 if self.size and self.size != x.shape[-1]:
                     x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
             yield x, self.labels[index].to(self.device, non_blocking=True)
+        self.passes += 1
 
 
 def make_batches(dataset: Dataset, images: torch.Tensor, batch: int, augment: bool, strength: float,
-                 seed: int, device, rotation: float = 180.0, scale_shift: float = 0.1) -> dict[str, Batches]:
+                 seed: int, device, rotation: float = 180.0, scale_shift: float = 0.1,
+                 cycle: bool = False) -> dict[str, Batches]:
     """One Batches per split; only train is shuffled and augmented."""
     index = {c: i for i, c in enumerate(dataset.classes)}
     labels = torch.tensor([index[c] for c in dataset.manifest["label"]], dtype=torch.long)
@@ -551,5 +567,6 @@ def make_batches(dataset: Dataset, images: torch.Tensor, batch: int, augment: bo
         rows = torch.from_numpy(np.flatnonzero(dataset.manifest["split"].to_numpy() == part))
         training = part == "train"
         out[part] = Batches(images[rows], labels[rows], batch, shuffle=training, augment=training and augment,
-                            strength=strength, seed=seed, device=device, rotation=rotation, scale_shift=scale_shift)
+                            strength=strength, seed=seed, device=device, rotation=rotation, scale_shift=scale_shift,
+                            cycle=training and cycle)
     return out

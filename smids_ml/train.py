@@ -86,7 +86,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     seed_everything(cfg.seed)
     network = build_for(cfg, len(dataset.classes), cfg.pretrained)
     batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
-                           cfg.rotation, cfg.scale_shift)
+                           cfg.rotation, cfg.scale_shift, cycle=cfg.orientations == "cycle")
     tracking.log_run_context(cfg, dataset, count_parameters(network))
     mlflow.log_metric("train_tflop", training_flops(cfg, len(dataset.classes), int(batches["train"].labels.numel())) / 1e12)
     with steps(f"Training {cfg.model}", cfg.epochs) as bar:

@@ -15,6 +15,7 @@ from torch import nn
 
 from smids_ml.compute import step_flops, training_flops
 from smids_ml.config import TrainConfig
+from smids_ml.data import Batches, augment_batch
 from smids_ml.engine import epoch_sizes, make_scheduler
 from smids_ml.models import D4Average, build_for
 from smids_ml.train import train
@@ -112,3 +113,28 @@ def test_flop_count_agrees_with_a_hand_count():
     assert step_flops(network, 3, 8) == conv + linear + conv + 2 * linear
     cfg = TrainConfig(model="smids_resnet", image_size=32, epochs=3, width=8)
     assert training_flops(cfg, 3, 10) == pytest.approx(3 * 10 * step_flops(build_for(cfg, 3), 3, 32))
+
+
+def test_orientation_cycling_shows_each_crop_every_orientation_within_8_epochs():
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    batches = Batches(images, torch.zeros(10, dtype=torch.long), batch=4, shuffle=True, augment=True, cycle=True)
+    seen = {i: set() for i in range(10)}
+    for _ in range(8):
+        for i in range(10):
+            seen[i].add(int(batches.turns(torch.tensor([i]))))
+        for _ in batches:
+            pass
+    assert all(turns == set(range(8)) for turns in seen.values())
+    assert Batches(images, torch.zeros(10, dtype=torch.long), batch=4, augment=True).turns(torch.tensor([0])) is None
+
+
+def test_a_quarter_turn_of_the_cycle_is_the_crop_turned_by_90_degrees():
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+
+    def turned(k: int) -> torch.Tensor:  # the same random residual angle for every k: the same seed
+        return augment_batch(images, torch.Generator().manual_seed(0), strength=0.0, scale_shift=0.0,
+                             turns=torch.full((3,), k))
+
+    for k in range(1, 4):
+        torch.testing.assert_close(turned(k), torch.rot90(turned(0), k, (2, 3)), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(turned(4), turned(0).flip(3), atol=1e-3, rtol=1e-3)

@@ -1,0 +1,49 @@
+"""Compute per recipe: `python -m benchmarks.bench_recipes`.
+
+Trains the default recipe and `--preset long` (the previous defaults) on the same synthetic set in one
+run, through the code `smids-ml train` runs, and prints each one's counted training TFLOP
+(`smids_ml.compute`) and summed `epoch_seconds`, against `--preset long` as the baseline.
+Target: the defaults take at most a fifth of long's training time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import click
+import mlflow
+
+from benchmarks.common import machine, synthetic_set, table
+from smids_ml.config import TrainConfig
+from smids_ml.train import train
+
+TARGET = 0.2
+
+
+@click.command()
+@click.option("--images", type=click.IntRange(min=30), default=150, show_default=True, help="Synthetic crops.")
+@click.option("--recipes", default="long,default", show_default=True, help="Presets to train; the first is the baseline.")
+@click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
+def main(images: int, recipes: str, num_threads: int) -> None:
+    names = [r.strip() for r in recipes.split(",") if r.strip()]
+    print(f"bench_recipes: {images} synthetic crops, presets {', '.join(names)}; {machine()}", flush=True)
+    data = synthetic_set(images)
+    rows, seconds = [], {}
+    with tempfile.TemporaryDirectory() as store:
+        mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+        for name in names:
+            cfg = TrainConfig.from_preset(name, data=str(data), num_threads=num_threads).validate()
+            result = train(cfg, experiment="bench-recipes", run_name=name)
+            run = mlflow.get_run(result.run_id)
+            seconds[name] = sum(e["epoch_seconds"] for e in result.history.epochs)
+            rows.append([name, cfg.epochs, f"{run.data.metrics['train_tflop']:.2f}", seconds[name],
+                         f"{seconds[name] / seconds[names[0]]:.3f}"])
+    print(table(["preset", "epochs", "TFLOP", "epoch seconds (sum)", f"vs {names[0]}"], rows))
+    if "default" in seconds and "long" in seconds:
+        share = seconds["default"] / seconds["long"]
+        print(f"target: the defaults take at most {TARGET:.0%} of long's training time: {share:.1%} "
+              f"{'met' if share <= TARGET else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
