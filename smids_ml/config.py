@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Fields added after models were first logged, with the value that means "as before" for a stored config
 # without them (a default may change; what an old model was trained and evaluated with may not).
-ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_from": 0, "orientations": "random"}
+ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_start": 0.0, "orientations": "random"}
 
 
 def _opt(default, help, choices=None, tunable=True):
@@ -71,9 +71,11 @@ class TrainConfig:
     resize: str = _opt("pad", "pad keeps the aspect ratio (head shape is the signal); stretch distorts it as the original study did.", ("pad", "stretch"))
     augment: bool = _opt(True, "Random rotation, flips, small scale and shift, brightness/contrast and colour balance "
                                "on training batches.")
-    progressive_from: int = _opt(0, "Progressive resizing: the first epoch trains at this smaller side, which grows linearly "
-                                    "(in steps of 8 px) to --image-size at three quarters of the schedule; the last quarter "
-                                    "trains at full size (0: off). An epoch costs about the square of its side.")
+    progressive_start: float = _opt(0.0, "Progressive resizing: the first epoch trains at this fraction of --image-size (0.5: "
+                                         "half the side), growing linearly in steps of 8 px to full size at three quarters "
+                                         "of the schedule; the last quarter trains at full size (0: off). An epoch costs about "
+                                         "the square of its side. The study's CNNs, whose classifier has a fixed input size, "
+                                         "always train at full size.")
     augment_strength: float = _opt(1.0, "Scales the scale/shift and photometric augmentation (0 turns them off; rotation and flips stay).")
     rotation: float = _opt(180.0, "Largest random rotation in degrees (180: any angle, as cells lie in every orientation).")
     orientations: str = _opt("random", "How training crops are turned (with --rotation 180): random draws an angle and a "
@@ -152,10 +154,8 @@ class TrainConfig:
             (self.width >= 4, f"--width must be at least 4, got {self.width}"),
             (16 <= self.image_size <= MAX_IMAGE_SIZE, f"--image-size must be between 16 and {MAX_IMAGE_SIZE} pixels, got "
                                                        f"{self.image_size}"),
-            (self.progressive_from == 0 or 16 <= self.progressive_from <= self.image_size,
-             f"--progressive-from must be 0 (off) or between 16 and --image-size {self.image_size}, got {self.progressive_from}"),
-            (not self.progressive_from or self.model not in ("simple_cnn", "improved_cnn"),
-             f"--progressive-from needs a network that takes any input size; {self.model} has a fixed-size classifier"),
+            (0 <= self.progressive_start <= 1, f"--progressive-start must be in [0, 1] (a fraction of --image-size; 0 "
+                                               f"is off), got {self.progressive_start}"),
             (0 <= self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
              f"--valid-frac must be in [0, 1), --test-frac in (0, 1), and they must sum below 1, got {self.valid_frac} "
              f"and {self.test_frac}"),

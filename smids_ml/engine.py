@@ -20,6 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
 from smids_ml.config import TrainConfig
+from smids_ml.models import FIXED_INPUT_MODELS
 
 Callback = Callable[[int, dict], None]
 
@@ -101,13 +102,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 
 def epoch_sizes(cfg: TrainConfig) -> list[int]:
-    """The input side of each epoch: --image-size throughout, or with --progressive-from a linear ramp (in
-    steps of 8 px) from that side at the first epoch to --image-size at three quarters of the schedule."""
-    if not cfg.progressive_from:
+    """The input side of each epoch: --image-size throughout, or with --progressive-start a linear ramp (in
+    steps of 8 px) from that fraction of the side at the first epoch to the full side at three quarters of the
+    schedule. Networks with a fixed-size classifier (the study's CNNs) always train at full size."""
+    if not cfg.progressive_start or cfg.model in FIXED_INPUT_MODELS:
         return [cfg.image_size] * cfg.epochs
+    start = max(16, min(cfg.image_size, round(cfg.image_size * cfg.progressive_start)))
     ramp = max(round(cfg.epochs * 0.75) - 1, 1)
-    grow = cfg.image_size - cfg.progressive_from
-    return [min(cfg.image_size, cfg.progressive_from + 8 * round(grow * min(e / ramp, 1.0) / 8))
+    return [min(cfg.image_size, start + 8 * round((cfg.image_size - start) * min(e / ramp, 1.0) / 8))
             for e in range(cfg.epochs)]
 
 

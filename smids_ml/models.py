@@ -12,6 +12,7 @@ from torchvision import models as tv
 from smids_ml import SmidsError
 
 OWN = ("simple_cnn", "improved_cnn", "smids_resnet")
+FIXED_INPUT_MODELS = ("simple_cnn", "improved_cnn")  # their classifier expects the --image-size they were built for
 TORCHVISION = {
     "resnet18": (tv.resnet18, tv.ResNet18_Weights.IMAGENET1K_V1),
     "mobilenet_v3_small": (tv.mobilenet_v3_small, tv.MobileNet_V3_Small_Weights.IMAGENET1K_V1),

@@ -23,7 +23,7 @@ from tests.conftest import TINY
 
 
 def test_progressive_resizing_ramps_from_the_small_side_to_full_size_by_three_quarters():
-    sizes = epoch_sizes(TrainConfig(epochs=20, image_size=96, progressive_from=48))
+    sizes = epoch_sizes(TrainConfig(epochs=20, image_size=96, progressive_start=0.5))
     assert sizes[0] == 48 and sizes == sorted(sizes)
     assert all(s % 8 == 0 for s in sizes)
     assert sizes[14:] == [96] * 6 and 48 < sizes[9] < 96  # full size from three quarters of the schedule on
@@ -32,23 +32,23 @@ def test_progressive_resizing_ramps_from_the_small_side_to_full_size_by_three_qu
 
 def test_progressive_training_runs_the_early_epochs_smaller_and_logs_each_epochs_side(tracking, synth_data):
     cfg = TrainConfig(data=str(synth_data), **{**TINY, "model": "smids_resnet", "epochs": 4, "image_size": 48,
-                                               "progressive_from": 32}).validate()
+                                               "progressive_start": 0.67}).validate()
     result = train(cfg, experiment=tracking)
     assert [e["image_size"] for e in result.history.epochs] == [32, 40, 48, 48]
     history = MlflowClient().get_metric_history(result.run_id, "image_size")
     assert [m.value for m in history] == [32, 40, 48, 48]
     # the counted compute follows the smaller early epochs
     run = MlflowClient().get_run(result.run_id)
-    full = training_flops(cfg.replace(progressive_from=0), 3, int(run.data.params["n_train"]))
+    full = training_flops(cfg.replace(progressive_start=0), 3, int(run.data.params["n_train"]))
     assert run.data.metrics["train_tflop"] * 1e12 == pytest.approx(training_flops(cfg, 3, int(run.data.params["n_train"])))
     assert run.data.metrics["train_tflop"] * 1e12 < 0.85 * full
 
 
-def test_progressive_resizing_is_refused_for_fixed_size_classifiers():
-    with pytest.raises(Exception, match="--progressive-from needs a network that takes any input size"):
-        TrainConfig(model="improved_cnn", progressive_from=32, image_size=64).validate()
-    with pytest.raises(Exception, match="--progressive-from must be 0 \\(off\\) or between 16 and --image-size 64"):
-        TrainConfig(progressive_from=80, image_size=64).validate()
+def test_networks_with_a_fixed_size_classifier_train_at_full_size_and_bad_starts_are_refused():
+    assert epoch_sizes(TrainConfig(model="improved_cnn", progressive_start=0.5, image_size=64, epochs=4)) == [64] * 4
+    assert epoch_sizes(TrainConfig(progressive_start=0.1, image_size=64, epochs=8))[0] == 16  # never below 16 px
+    with pytest.raises(Exception, match="--progressive-start must be in \\[0, 1\\]"):
+        TrainConfig(progressive_start=1.5).validate()
 
 
 def test_linear_schedule_warms_up_then_falls_in_a_straight_line_to_zero():
@@ -100,9 +100,10 @@ def test_a_d4_model_serves_the_same_answer_for_a_rotated_crop(tracking, synth_da
 
 def test_a_stored_config_without_the_new_fields_means_no_test_time_averaging():
     stored = TrainConfig().to_dict()
-    for key in ("tta", "progressive_from"):
+    for key in ("tta", "progressive_start", "orientations"):
         stored.pop(key)
-    assert TrainConfig.from_dict(stored).tta == "none" and TrainConfig.from_dict(stored).progressive_from == 0
+    loaded = TrainConfig.from_dict(stored)
+    assert (loaded.tta, loaded.progressive_start, loaded.orientations) == ("none", 0.0, "random")
 
 
 def test_flop_count_agrees_with_a_hand_count():
