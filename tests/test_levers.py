@@ -139,3 +139,12 @@ def test_a_quarter_turn_of_the_cycle_is_the_crop_turned_by_90_degrees():
     for k in range(1, 4):
         torch.testing.assert_close(turned(k), torch.rot90(turned(0), k, (2, 3)), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(turned(4), turned(0).flip(3), atol=1e-3, rtol=1e-3)
+
+
+def test_a_depthwise_convolution_is_counted_by_its_groups():
+    network = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False))
+    pointwise = 2 * 8 * 8 * 8 * 3  # per image at 8×8: outputs × inputs per output × 2
+    depthwise = 2 * 8 * 8 * 8 * 9
+    # backward: both weight gradients, and the depthwise layer's input gradient (torch's own formula counts
+    # the depthwise backward as if it were a dense 8→8 convolution)
+    assert step_flops(network, 3, 8) == pointwise + depthwise + pointwise + 2 * depthwise
