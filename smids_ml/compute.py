@@ -35,8 +35,10 @@ def step_flops(network: torch.nn.Module, channels: int, size: int) -> float:
 
 
 def training_flops(cfg: TrainConfig, num_classes: int, train_images: int) -> float:
-    """FLOPs of a whole training run of `cfg` on `train_images` images (every epoch, at its size)."""
-    network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, width=cfg.width)
-    sizes = epoch_sizes(cfg)
-    per_size = {size: step_flops(network, cfg.channels, size) for size in set(sizes)}
+    """FLOPs of a whole training run of `cfg` on `train_images` images (every epoch, at its size). The global
+    random state is left as it was, so counting does not change what a seeded run draws."""
+    with torch.random.fork_rng():
+        network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, width=cfg.width)
+        sizes = epoch_sizes(cfg)
+        per_size = {size: step_flops(network, cfg.channels, size) for size in set(sizes)}
     return sum(per_size[size] for size in sizes) * train_images
