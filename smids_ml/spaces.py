@@ -49,7 +49,7 @@ SPACES = {
             "lr": {"low": 5e-4, "high": 5e-3, "log": True},
             "weight_decay": {"low": 1e-3, "high": 0.2, "log": True},
             "dropout_rate": {"low": 0.0, "high": 0.4},
-            "image_size": [80, 96, 112, 128],
+            "image_size": [64, 80, 96, 112],
             "channels": [3, 1],
             "resize": ["pad", "stretch"],
             "augment_strength": {"low": 0.5, "high": 1.5},

@@ -148,3 +148,10 @@ def test_a_depthwise_convolution_is_counted_by_its_groups():
     # backward: both weight gradients, and the depthwise layer's input gradient (torch's own formula counts
     # the depthwise backward as if it were a dense 8→8 convolution)
     assert step_flops(network, 3, 8) == pointwise + depthwise + pointwise + 2 * depthwise
+
+
+def test_preset_fast_is_64_px_for_150_epochs_with_test_time_averaging_and_the_rest_of_the_defaults():
+    fast, default = TrainConfig.from_preset("fast"), TrainConfig()
+    assert (fast.image_size, fast.epochs, fast.tta) == (64, 150, "d4")
+    changed = {k for k, v in fast.to_dict().items() if v != default.to_dict()[k]}
+    assert changed == {"preset", "image_size", "epochs", "tta"}
