@@ -71,39 +71,35 @@ def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
 HEADERS = ["recipe", "accuracy", "macro F1", "TFLOP/model", "min/fold"]
 
 
-def tflop(cfg: TrainConfig, classes: int, train_images: float) -> str:
-    return f"{training_flops(cfg, classes, round(train_images)) / 1e12:.1f}"
-
-
-def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list[list], pd.DataFrame]:
+def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list[list], pd.DataFrame, float]:
     """The recipe's table row (and, with test-time averaging, the same fold models scored on one view: a
-    paired comparison at no extra training), and its out-of-fold predictions (for an ensemble of recipes)."""
+    paired comparison at no extra training), its out-of-fold predictions (for an ensemble of recipes) and
+    its TFLOP per model."""
+    dataset = prepare_data(cfg)
     start = time.perf_counter()
-    result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} ({folds}-fold)")
+    result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} ({folds}-fold)", dataset=dataset)
     minutes = (time.perf_counter() - start) / 60 / folds
     s = result.summary
-    classes = len(result.out_of_fold["label"].unique())
-    cost = tflop(cfg, classes, result.folds["n_train"].mean())
+    cost = training_flops(cfg, len(dataset.classes), round(result.folds["n_train"].mean())) / 1e12
     rows = [[f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
-             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", cost, f"{minutes:.1f}"]]
+             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{cost:.1f}", f"{minutes:.1f}"]]
     if cfg.tta != "none":
-        rows.append(single_view_row(recipe, cfg, folds, result, cost))
-    return rows, result.out_of_fold
+        rows.append(single_view_row(cfg, folds, dataset, result.networks) + [f"{cost:.1f}", ""])
+    return rows, result.out_of_fold, cost
 
 
-def single_view_row(recipe: str, cfg: TrainConfig, folds: int, result, cost: str) -> list:
+def single_view_row(cfg: TrainConfig, folds: int, dataset: Dataset, networks: list) -> list:
     """The fold models of a test-time-averaging recipe, each scored on one view of its test fold."""
-    dataset = prepare_data(cfg)
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
     scores = []
-    for k, network in enumerate(result.networks):
+    for k, network in enumerate(networks):
         part = fold_dataset(dataset, fold, k, cfg.valid_frac, cfg.seed)
         targets = part.part("test")["label"].map({c: i for i, c in enumerate(part.classes)}).to_numpy()
         probs = fold_probabilities(network.network, part, cfg)
         scores.append(classification_metrics(targets, probs, "test"))
     acc, f1 = [m["test_acc"] for m in scores], [m["test_f1"] for m in scores]
-    return [f"  the same fold models, one view (no test-time averaging)", f"{np.mean(acc):.4f} ± {np.std(acc, ddof=1):.4f}",
-            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}", cost, ""]
+    return ["  the same fold models, one view (no test-time averaging)", f"{np.mean(acc):.4f} ± {np.std(acc, ddof=1):.4f}",
+            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}"]
 
 
 def recipes_ensemble_row(names: list[str], out_of_fold: list[pd.DataFrame], tflops: list[float]) -> list:
@@ -227,10 +223,10 @@ def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, en
                          "it needs --cv, and takes no --members or --outer-folds")
     rows, out_of_fold, tflops = [], [], []
     for name in names if cv_rows else []:
-        recipe_rows, predictions = cv_row(name, recipe_config(name, data, overrides), folds)
+        recipe_rows, predictions, cost = cv_row(name, recipe_config(name, data, overrides), folds)
         rows += recipe_rows
         out_of_fold.append(predictions)
-        tflops.append(float(recipe_rows[0][3]))
+        tflops.append(cost)
         print(table(HEADERS, recipe_rows), flush=True)
     if ensemble and ensemble_of == "recipes":
         rows.append(recipes_ensemble_row(names, out_of_fold, tflops))
