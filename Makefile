@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# nginx runs in the tests of deploy/nginx.conf (the reverse proxy in front of mlflow models serve)
+# nginx runs in the tests of deploy/nginx.conf (the reverse proxy in front of mlflow models serve); Chromium
+# and its driver in the tests that open the HTML report in a real headless browser
+SYSTEM_PACKAGES := nginx-light chromium chromium-driver
 system:
-	@test -x /usr/sbin/nginx || command -v nginx >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } || \
-		{ echo "nginx is needed by the tests: install nginx-light (Debian) or nginx"; exit 1; }
+	@{ command -v nginx && command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; } || \
+		{ echo "the tests need $(SYSTEM_PACKAGES) (Debian packages; nginx and chromium elsewhere)"; exit 1; }
 
 demo: setup
 	bash scripts/demo.sh

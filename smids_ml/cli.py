@@ -16,6 +16,7 @@ COMMANDS = {
     "compare": ("smids_ml.evaluate", "compare", "Tabulate the latest test metrics of several models."),
     "cv": ("smids_ml.cv", "main", "Stratified k-fold cross-validation; optionally register the k-fold ensemble."),
     "predict": ("smids_ml.predict", "main", "Classify images, folders, globs and videos with a logged model."),
+    "report": ("smids_ml.report", "main", "Per-sample morphology report: counts, normal share with intervals, overlays."),
     "server": ("smids_ml.server", "main", "Start an MLflow tracking server (SQLite or PostgreSQL, proxied artifacts)."),
     "runs": ("smids_ml.runs", "main", "List RUNNING runs; --fix-stale fails those whose process is gone."),
 }

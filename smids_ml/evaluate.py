@@ -28,6 +28,7 @@ from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_su
 
 from smids_ml import SmidsError, plots, tracking
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, check, load_manifest, load_tensors, open_image, scan
+from smids_ml.explain import explain, side_by_side
 from smids_ml.serving import load_classifier, one_line
 from smids_ml.train import use_experiment
 
@@ -120,8 +121,9 @@ def predictions_frame(frame: pd.DataFrame, classes: list[str], probs: np.ndarray
 
 
 def log_evaluation(frame: pd.DataFrame, root: Path, classes: list[str], probs: np.ndarray, prefix: str,
-                   folder: str = "") -> tuple[dict[str, float], pd.DataFrame]:
-    """Score `probs` (one row per row of `frame`, a manifest part); log metrics, figures and predictions."""
+                   folder: str = "", model=None) -> tuple[dict[str, float], pd.DataFrame]:
+    """Score `probs` (one row per row of `frame`, a manifest part); log metrics, figures and predictions.
+    With the loaded `model`, the gallery of mistakes shows each crop beside the Grad-CAM of its wrong class."""
     probs = np.asarray(probs, dtype=np.float64)
     probs /= probs.sum(1, keepdims=True)  # float32 softmax rows miss 1 by ~1e-7; sklearn's log_loss warns
     index = {c: i for i, c in enumerate(classes)}
@@ -146,9 +148,14 @@ def log_evaluation(frame: pd.DataFrame, root: Path, classes: list[str], probs: n
                                      title=f"{prefix}: reliability (ECE {ece:.3f}, {ECE_BINS} bins)"),
            "reliability_diagram.png")
     worst = predictions[~predictions["correct"]].nlargest(GALLERY_SIZE, "confidence")
-    figure(plots.misclassified_gallery([open_image(root / p).convert("RGB") for p in worst["path"]],
-                                       list(worst["label"]), list(worst["predicted"]), list(worst["confidence"]),
-                                       title=f"{prefix}: most confident mistakes"), "misclassified.png")
+    crops = [open_image(root / p).convert("RGB") for p in worst["path"]]
+    if model is not None and crops:
+        crops = [side_by_side(crop, heat) for crop, heat in
+                 zip(crops, explain(model, crops, [classes.index(p) for p in worst["predicted"]]))]
+    figure(plots.misclassified_gallery(crops, list(worst["label"]), list(worst["predicted"]), list(worst["confidence"]),
+                                       title=f"{prefix}: most confident mistakes"
+                                             + (" (right: Grad-CAM of the predicted class)" if model else "")),
+           "misclassified.png")
     return metrics, predictions
 
 
@@ -291,7 +298,7 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
         if excluded is not None:
             mlflow.log_param("n_excluded_seen_in_training", len(excluded))
             tracking.log_frame(excluded[MANIFEST_COLUMNS], "excluded_seen_in_training.csv")
-        metrics, predictions = log_evaluation(part.manifest, part.root, model.classes, probs, prefix=split)
+        metrics, predictions = log_evaluation(part.manifest, part.root, model.classes, probs, prefix=split, model=model)
     if source.version:
         client = MlflowClient()
         tags = {name: f"{metrics[name]:.4f}" for name in (f"{split}_{m}" for m in HEADLINE) if name in metrics}

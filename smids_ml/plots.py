@@ -101,3 +101,35 @@ def misclassified_gallery(images: list, true: list[str], predicted: list[str], c
         return image_grid([], [], columns=1, title="No misclassified images")
     captions = [f"true: {t}\npred: {p} ({c:.2f})" for t, p, c in zip(true, predicted, confidence)]
     return image_grid(images, captions, columns=min(6, len(images)), title=title)
+
+
+def sample_shares(sample: dict, classes: list[str], normal: str | None):
+    """A sample at a glance: its crops per predicted class (and the adjusted shares as counts), and the share
+    of normal forms among the cells, counted and adjusted, with their 95% intervals."""
+    fig, axes = plt.subplots(1, 2 if normal else 1, figsize=(9 if normal else 5, 3), squeeze=False)
+    ax, n, x = axes[0][0], sample["n_crops"], np.arange(len(classes))
+    adjusted = sample.get("shares_adjusted")
+    width = 0.4 if adjusted else 0.8
+    ax.bar(x - (width / 2 if adjusted else 0), [sample["counts"][c] for c in classes], width, label="predicted")
+    if adjusted:
+        ax.bar(x + width / 2, [adjusted[c] * n for c in classes], width, label="adjusted", color="#dd8452")
+        ax.legend(fontsize=8)
+    ax.set_xticks(x, classes, rotation=15, fontsize=8)
+    ax.set(ylabel="crops", title=f"{n} crops")
+    if normal:
+        ax = axes[0][1]
+        rows = [("counted", sample.get("normal_fraction"), sample.get("normal_fraction_ci"))]
+        if "normal_fraction_adjusted" in sample:
+            rows.append(("adjusted", sample["normal_fraction_adjusted"], sample.get("normal_fraction_adjusted_ci")))
+        for y, (name, value, ci) in enumerate(rows):
+            if value is None:
+                continue
+            low, high = ci or (value, value)
+            ax.errorbar(100 * value, y, xerr=[[100 * max(value - low, 0)], [100 * max(high - value, 0)]], fmt="o",
+                        capsize=4)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set(xlabel=f"{normal} among cells (%), 95% CI", title="Normal forms")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig

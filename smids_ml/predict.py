@@ -148,6 +148,32 @@ def predict_inputs(model, inputs: Iterable[str], batch: int = 64, every: int = 3
     return to_table(model, samples, min_confidence)
 
 
+def write_overlays(model, table: pd.DataFrame, folder: Path, batch: int = 32) -> int:
+    """One PNG per image file that was read (video frames are not explained): the crop at its own size with the
+    Grad-CAM map of its predicted class over it, named after the file (`-2`, `-3`... when names repeat)."""
+    from smids_ml.explain import explain  # only this option needs it
+
+    rows = table[table["error"].isna() & table["frame"].isna()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SmidsError(f"--explain {folder}: {exc.strerror or exc}") from None
+    taken: set[str] = set()
+    with progress(None, "Explaining", length=len(rows)) as bar:
+        for start in range(0, len(rows), batch):
+            chunk = rows.iloc[start:start + batch]
+            targets = chunk[model.classes].to_numpy().argmax(1).tolist()  # the top class, "uncertain" or not
+            crops = [open_image(path) for path in chunk["path"]]
+            for path, image in zip(chunk["path"], explain(model, crops, targets)):
+                stem, n = Path(path).stem, 1
+                while (name := f"{stem}{f'-{n}' if n > 1 else ''}.png") in taken:
+                    n += 1
+                taken.add(name)
+                image.save(folder / name)
+            bar.update(len(chunk))
+    return len(rows)
+
+
 def render(table: pd.DataFrame) -> str:
     """Aligned columns for the terminal: text left, numbers right with 3 decimals, blanks for missing."""
     columns = [c for c in table.columns if c != "error" or table["error"].notna().any()]
@@ -179,9 +205,12 @@ def write(table: pd.DataFrame, path: Path) -> None:
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per network call.")
 @click.option("--every", default=30, show_default=True, type=click.IntRange(min=1),
               help="Classify every Nth frame of a video.")
+@click.option("--explain", "explain_dir", default=None, type=click.Path(path_type=Path),
+              help="Also write one overlay PNG per input image into this folder: where the model looked for the "
+                   "class it predicted (Grad-CAM on its last convolutional stage).")
 @click.option("--min-confidence", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help=f"Label predictions whose top probability is below this {UNCERTAIN!r}.")
-def main(model_uri, inputs, output, batch, every, min_confidence):
+def main(model_uri, inputs, output, batch, every, explain_dir, min_confidence):
     """Classify INPUTs (image files, folders, glob patterns, .mp4/.avi/.mov/.mkv videos) with the
     MLflow model at MODEL_URI (models:/name/1, models:/name@alias, runs:/<id>/model)."""
     output = Path(output) if output else None
@@ -195,6 +224,9 @@ def main(model_uri, inputs, output, batch, every, min_confidence):
     click.echo(render(table))
     if output is not None:
         write(table, output)
+    if explain_dir is not None:
+        count = write_overlays(model, table, explain_dir)
+        click.echo(f"wrote {count} overlays to {explain_dir}", err=True)
     failed = int(table["error"].notna().sum())
     uncertain = int((table["label"] == UNCERTAIN).sum())
     click.echo(f"{len(table) - failed} predicted" + (f" ({uncertain} {UNCERTAIN})" if uncertain else "")

@@ -16,7 +16,7 @@ from smids_ml.cli import COMMANDS
 from smids_ml.config import TrainConfig
 from tests.conftest import ROOT
 
-ENTRY_POINTS = {"main", "train", "tune", "evaluate", "predict", "explore", "synth", "cv"}
+ENTRY_POINTS = {"main", "train", "tune", "evaluate", "predict", "report", "explore", "synth", "cv"}
 
 
 def mlproject():
@@ -53,7 +53,8 @@ def test_every_entry_point_command_parses_with_its_defaults():
     assert project["conda_env"] == "conda.yaml"
     assert set(project["entry_points"]) == ENTRY_POINTS
     for name, entry in project["entry_points"].items():
-        values = {k: ("models:/best/1" if k == "model_uri" else "img.png" if k == "inputs" else spec.get("default", ""))
+        values = {k: ("models:/best/1" if k == "model_uri" else "img.png" if k == "inputs" else "crops" if k == "folder"
+                      else spec.get("default", ""))
                   for k, spec in entry.get("parameters", {}).items()}
         command = entry["command"].format(**{k: shlex.quote(str(v)) for k, v in values.items()})
         argv = shlex.split(command)
