@@ -106,6 +106,19 @@ def grid_size(space: dict) -> int:
     return size
 
 
+def point_outside(space: dict, values: dict) -> list[str]:
+    """The searched params whose value in `values` the space cannot suggest, as `name=value`."""
+    outside = []
+    for name, spec in space["params"].items():
+        value = values[name]
+        inside = value in spec if isinstance(spec, list) else (
+            not isinstance(value, bool) and isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"]
+            and (not spec.get("int") or float(value).is_integer()))
+        if not inside:
+            outside.append(f"{name}={value}")
+    return outside
+
+
 def suggest(trial: optuna.Trial, space: dict) -> dict:
     """Trial values for every searched param, plus the fixed ones."""
     values = dict(space["fixed"])

@@ -38,7 +38,7 @@ from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stop_if_signalled, stops_cleanly
 from smids_ml.data import Dataset
 from smids_ml.models import build_for
-from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, suggest
+from smids_ml.spaces import SPACES, grid_of, grid_size, load_space, point_outside, suggest
 from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, run_training, use_experiment
 
 JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
@@ -51,6 +51,7 @@ PARENT_ATTR = "mlflow_parent_run_id"
 HEARTBEAT_SECONDS = 30
 MAX_FAILURES = 2  # a grid point that failed twice is not tried again (a failure is retried once)
 GRID_ATTR = "grid_point"  # the grid point a trial runs, set when it is created, before any value is suggested
+DEFAULTS_ATTR = "smids_ml.defaults"  # the trial (and child-run tag) that runs the base configuration itself
 WEIGHTS = "weights/weights.pt"  # a top trial's weights, in its run's artifacts: any worker can promote it
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are reported by `echo_trial`, without tracebacks
@@ -155,7 +156,8 @@ class Search:
 
     def objective(self, trial: optuna.Trial) -> float:
         cfg = self.base.replace(**suggest(trial, self.space)).validate()
-        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
+                **({DEFAULTS_ATTR: "true"} if trial.user_attrs.get(DEFAULTS_ATTR) else {})}
         for key, value in tracking.process_tags().items():
             trial.set_user_attr(key, value)
         with mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True, tags=tags) as run:
@@ -321,6 +323,22 @@ def run_trial(study: optuna.Study, search: Search, trial: optuna.Trial) -> None:
     echo_trial(study, study._storage.get_trial(trial._trial_id))
 
 
+def enqueue_defaults(study: optuna.Study, space: dict, base: TrainConfig) -> bool:
+    """A new TPE or random study runs the base configuration first (the defaults, or what the flags set), tagged
+    `smids_ml.defaults`, so whatever wins is measured against it on the same footing. Not when the base is not a
+    point of the space (said in one line); a grid keeps its own points."""
+    if study.get_trials(deepcopy=False):
+        return False
+    point = {name: getattr(base.replace(**space["fixed"]), name) for name in space["params"]}
+    outside = point_outside(space, point)
+    if outside:
+        click.echo(f"study {study.study_name}: no defaults trial, the base configuration is not in the search space "
+                   f"({', '.join(outside)})", err=True)
+        return False
+    study.enqueue_trial(point, user_attrs={DEFAULTS_ATTR: True})
+    return True
+
+
 def retry_failed(study: optuna.Study) -> int:
     """Queue again each failed trial whose params never completed (TPE, random), so resume covers them."""
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
@@ -328,7 +346,8 @@ def retry_failed(study: optuna.Study) -> int:
     queued = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.params and trial.params not in covered:
-            study.enqueue_trial(trial.params, skip_if_exists=False)
+            study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items() if k == DEFAULTS_ATTR},
+                                skip_if_exists=False)
             covered.append(trial.params)
             queued += 1
     return queued
@@ -341,7 +360,7 @@ def summary(study: optuna.Study, monitor: str) -> pd.DataFrame:
         rows.append({**t.params, monitor: t.value, "state": t.state.name, "trial": t.number,
                      "run_name": f"trial-{t.number:03d}", "epochs": len(t.intermediate_values),
                      "seconds": t.duration.total_seconds() if t.duration else None,
-                     "mlflow_run_id": t.user_attrs.get(RUN_ID_ATTR)})
+                     "defaults": bool(t.user_attrs.get(DEFAULTS_ATTR)), "mlflow_run_id": t.user_attrs.get(RUN_ID_ATTR)})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -512,7 +531,8 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         else:
             with lock():
                 fail_stale_trials(study)
-                queued = retry_failed(study)
+                queued = retry_failed(study)  # run on top of --n-trials; the defaults trial counts among them
+                enqueue_defaults(study, space, base)
             callbacks = [echo_trial]
             for _ in range(queued):
                 study.optimize(search.objective, n_trials=1, callbacks=callbacks, gc_after_trial=True)

@@ -252,3 +252,25 @@ def test_tune_refuses_to_run_without_a_validation_split(tracking, synth_data, tm
                      "--valid-frac", "0", *FLAGS])
     assert_one_line_error(result, "--valid-frac must be above 0")
     assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
+
+
+def test_a_new_tpe_study_runs_the_defaults_first_and_tags_them(tracking, synth_data, tmp_path):
+    """The base configuration is trial 0 (within --n-trials), its child run tagged smids_ml.defaults; resuming
+    the study does not queue it again; a base outside the space gets no such trial and a line saying why."""
+    space = space_file(tmp_path, "around", "params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n"
+                                           "  dropout_rate: [0.1, 0.2, 0.3]\n")
+    storage = tmp_path / "optuna.journal"
+    args = ["--sampler", "tpe", "--space", space, "--epochs", "1", "--pruner", "none", "--register-as", "",
+            "--model", "improved_cnn", "--dropout-rate", "0.2"]
+    tune(tracking, synth_data, storage, *args, "--study-name", "around", "--lr", "0.002", "--n-trials", "2")
+    study = load(storage, "around")
+    assert len(study.trials) == 2
+    assert study.trials[0].params == {"lr": 0.002, "dropout_rate": 0.2} and study.trials[0].user_attrs["smids_ml.defaults"]
+    assert "smids_ml.defaults" not in study.trials[1].user_attrs
+    runs = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.`smids_ml.defaults` = 'true'")
+    assert list(runs["tags.optuna.trial"]) == ["0"]
+    tune(tracking, synth_data, storage, *args, "--study-name", "around", "--lr", "0.002", "--n-trials", "1")
+    assert sum(bool(t.user_attrs.get("smids_ml.defaults")) for t in load(storage, "around").trials) == 1
+    outside = tune(tracking, synth_data, storage, *args, "--study-name", "outside", "--lr", "0.01", "--n-trials", "1")
+    assert "no defaults trial" in outside.output and "lr=0.01" in outside.output
+    assert not any(t.user_attrs.get("smids_ml.defaults") for t in load(storage, "outside").trials)
