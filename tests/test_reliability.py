@@ -204,7 +204,7 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
 
 def test_an_interrupted_study_logs_no_figures_and_stops(tracking, monkeypatch):
     from smids_ml import console
-    from smids_ml.tune import log_study
+    from smids_ml.search import log_study
 
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("lr", 1e-4, 1e-2), n_trials=3)

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from smids_ml.serving import load_classifier
-from smids_ml.tune import open_storage
+from smids_ml.studies import open_storage
 from tests.conftest import TINY
 from tests.helpers import assert_one_line_error, invoke, make_colour_dataset, mlflow_run
 

@@ -1,0 +1,181 @@
+"""The search itself: the objective (one trial = one nested MLflow run of `train.run_training`), running
+trials and grid points, and the study's summary and figures on its parent run.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import mlflow
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import TrialState
+
+from smids_ml import tracking
+from smids_ml.config import TrainConfig
+from smids_ml.console import stop_if_signalled
+from smids_ml.data import Dataset
+from smids_ml.spaces import suggest
+from smids_ml.studies import (DEFAULTS_ATTR, GRID_ATTR, RUN_ID_ATTR, best_trial, fail_stale_trials, next_grid_point,
+                              ranked_trials)
+from smids_ml.train import run_training
+
+WEIGHTS = "weights/weights.pt"  # a top trial's weights, in its run's artifacts: any worker can promote it
+
+
+@dataclass
+class Search:
+    """What every trial shares: the base config, the space and the data."""
+
+    base: TrainConfig
+    space: dict
+    dataset: Dataset
+    keep: int = 1  # the best `keep` trials' weights go to the artifact store (the top-k ensemble)
+
+    def objective(self, trial: optuna.Trial) -> float:
+        cfg = self.base.replace(**suggest(trial, self.space)).validate()
+        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
+                **({DEFAULTS_ATTR: "true"} if trial.user_attrs.get(DEFAULTS_ATTR) else {})}
+        for key, value in tracking.process_tags().items():
+            trial.set_user_attr(key, value)
+        with mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True, tags=tags) as run:
+            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+
+            def report(epoch: int, metrics: dict) -> None:
+                trial.report(metrics[cfg.monitor], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"{cfg.monitor} {metrics[cfg.monitor]:.4f} at epoch {epoch}")
+
+            try:
+                result = run_training(cfg, self.dataset, callbacks=[report], log_model=False)
+            except optuna.TrialPruned:
+                mlflow.set_tag("optuna.state", "PRUNED")
+                pruned = True
+            except BaseException:
+                mlflow.set_tag("optuna.state", "FAIL")
+                raise
+            else:
+                pruned = False
+                value = result.history.best[cfg.monitor]
+                if self.among_best(trial.study, value):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = Path(tmp) / Path(WEIGHTS).name
+                        torch.save(result.network.state_dict(), path)
+                        mlflow.log_artifact(str(path), str(Path(WEIGHTS).parent))
+                mlflow.set_tag("optuna.state", "COMPLETE")
+        if pruned:
+            raise optuna.TrialPruned()
+        return value
+
+    def among_best(self, study: optuna.Study, value: float) -> bool:
+        """Whether a trial scoring `value` is among the best `keep` completed so far (its weights are kept)."""
+        ranked = ranked_trials(study)
+        if len(ranked) < self.keep:
+            return True
+        last = ranked[self.keep - 1].value
+        return value <= last if study.direction == optuna.study.StudyDirection.MINIMIZE else value >= last
+
+    def config_of(self, trial: optuna.trial.FrozenTrial) -> TrainConfig:
+        return self.base.replace(**{**self.space["fixed"], **trial.params}).validate()
+
+
+def echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Callback: one line per finished trial."""
+    value = "" if trial.value is None else f" {trial.value:.4f}"
+    click.echo(f"trial {trial.number} {trial.state.name}{value} after {len(trial.intermediate_values)} epochs: "
+               f"{trial.params}", err=True)
+
+
+def run_grid(study: optuna.Study, search: Search, lock, poll: float, n_trials: int | None = None,
+             timeout: float | None = None) -> int:
+    """Run grid points until none is left, with any number of workers on the same study: under the lock a
+    worker picks a point that nobody has run or is running and creates its trial, so each point runs
+    exactly once (a failed one twice). A worker waits while others still run points (a dead one's point
+    comes back). Stops after `n_trials` trials or `timeout` seconds of this worker, if given; returns how
+    many it ran."""
+    ran, deadline = 0, time.monotonic() + timeout if timeout else float("inf")
+    while (n_trials is None or ran < n_trials) and time.monotonic() < deadline:
+        with lock():
+            fail_stale_trials(study)
+            point, busy = next_grid_point(study, search.space)
+            if point is not None:
+                trial = study.ask()
+                trial.set_user_attr(GRID_ATTR, point)
+        if point is None:
+            if not busy:
+                return ran
+            time.sleep(poll)
+            continue
+        run_trial(study, search, trial)
+        ran += 1
+    return ran
+
+
+def run_trial(study: optuna.Study, search: Search, trial: optuna.Trial) -> None:
+    """What `study.optimize` does for one asked trial: heartbeats while it runs, then tell the outcome."""
+    # Optuna's own heartbeat thread (what optimize uses); a no-op for storages without heartbeats
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = search.objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
+        finally:
+            gc.collect()
+    echo_trial(study, study._storage.get_trial(trial._trial_id))
+
+
+def summary(study: optuna.Study, monitor: str) -> pd.DataFrame:
+    """One row per trial, best first (the shape of the original study's grid_search_results.csv)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({**t.params, monitor: t.value, "state": t.state.name, "trial": t.number,
+                     "run_name": f"trial-{t.number:03d}", "epochs": len(t.intermediate_values),
+                     "seconds": t.duration.total_seconds() if t.duration else None,
+                     "defaults": bool(t.user_attrs.get(DEFAULTS_ATTR)), "mlflow_run_id": t.user_attrs.get(RUN_ID_ATTR)})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values(monitor, ascending=monitor == "valid_loss", na_position="last").reset_index(drop=True)
+
+
+def log_study(study: optuna.Study, monitor: str) -> None:
+    """Summary CSV, Optuna's own matplotlib figures and the best params on the parent run."""
+    tracking.log_frame(summary(study, monitor), "study_summary.csv")
+    from optuna.visualization import matplotlib as ov
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    figures = {"optimization_history": ov.plot_optimization_history, "parallel_coordinate": ov.plot_parallel_coordinate,
+               "intermediate_values": ov.plot_intermediate_values}
+    if len(complete) >= 2:
+        figures["param_importances"] = ov.plot_param_importances
+    for name, plot in figures.items():
+        stop_if_signalled()  # an interrupted study exits now; the next run of it draws the figures
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances with one varying param
+            click.echo(f"skipped figure {name}: {exc}", err=True)
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.set_size_inches(10, 6)
+        tracking.log_figure(figure, f"plots/{name}.png")
+    best = best_trial(study)
+    counts = {state.name.lower(): sum(t.state == state for t in study.trials)
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    if best is not None:
+        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
+        mlflow.log_metric(f"best_{monitor}", best.value)
+
