@@ -46,12 +46,12 @@ def main() -> None:
         experiment = "bench-tune"
         mlflow.create_experiment(experiment, artifact_location=str(tmp / "artifacts"))
         (grid, _), grid_s = timed(tune, base, "improved-grid", "grid", None, None, "none", "grid",
-                                  str(tmp / "optuna.journal"), None, None, experiment)
+                                  str(tmp / "optuna.journal"), None, None, experiment, finalists=0)
         target = grid.best_value
         space = tmp / "tpe.yaml"
         space.write_text(TPE_SPACE)
         (tpe, _), tpe_s = timed(tune, base, str(space), "tpe", TPE_TRIALS, None, "median", "tpe", str(tmp / "optuna.journal"),
-                                None, None, experiment, 2, 3)
+                                None, None, experiment, 2, 3, finalists=0)
         grid_reached, grid_total = epochs_to_reach(grid, target)  # studies read their journal: inside the block
         tpe_reached, tpe_total = epochs_to_reach(tpe, target)
         pruned = sum(t.state.name == "PRUNED" for t in tpe.trials)

@@ -83,13 +83,14 @@ class CVResult:
 
 def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DEFAULT_EXPERIMENT,
                    run_name: str | None = None, register_as: str | None = None, alias: str | None = None,
-                   dataset: Dataset | None = None) -> CVResult:
-    """Train and test `folds` models in nested runs of one parent run (or `mlflow run`'s run);
-    with `register_as`, log and register their ensemble. `dataset` skips scanning `cfg.data` again."""
+                   dataset: Dataset | None = None, nested: bool = False) -> CVResult:
+    """Train and test `folds` models in nested runs of one parent run (or `mlflow run`'s run; itself nested in
+    the active run with `nested`); with `register_as`, log and register their ensemble. `dataset` skips
+    scanning `cfg.data` again."""
     dataset = dataset or prepare_data(cfg)
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
     use_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, tags=tracking.process_tags()) as parent:
+    with mlflow.start_run(run_name=run_name, tags=tracking.process_tags(), nested=nested) as parent:
         tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
                            "folds": folds, "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
         tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")

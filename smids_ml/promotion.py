@@ -63,33 +63,44 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
         info = tracking.log_model(members, search.dataset)
         mlflow.set_tag("smids_ml.model_uri", info.model_uri)
     run = client.get_run(run_id)
-    version = tracking.register(info.model_uri, register_as, CHALLENGER, tags={
+    metrics = {k: round(v, 6) for k, v in run.data.metrics.items() if k.startswith("best_valid_")}
+    return register_challenger(info.model_uri, register_as, alias, promote, score=f"best_{search.base.monitor}", tags={
         "study": study.study_name, "trial": best.number, "run_id": run_id,
         "members": ",".join(str(t.number) for t in chosen), "monitor": search.base.monitor,
-        "data_fingerprint": run.data.params.get("data_fingerprint", ""),
-        **{k: round(v, 6) for k, v in run.data.metrics.items() if k.startswith("best_valid_")}})
+        "data_fingerprint": run.data.params.get("data_fingerprint", ""), **metrics})
+
+
+def register_challenger(model_uri: str, name: str, alias: str | None, promote: bool, score: str, tags: dict):
+    """Register a study's model as @challenger, tagged with `score` (the name of the tag that ranks it: a trial's
+    `best_valid_f1`, a refit's cross-validated `cv_test_f1_macro_mean`), and move `alias` as `champion_decision`
+    says."""
+    client = MlflowClient()
+    version = tracking.register(model_uri, name, CHALLENGER, tags={**tags, "score": score})
     if alias:
-        move, why = champion_decision(client, register_as, alias, version, promote)
+        move, why = champion_decision(client, name, alias, version, promote)
         if move:
-            client.set_registered_model_alias(register_as, alias, version.version)
+            client.set_registered_model_alias(name, alias, version.version)
         click.echo(f"@{alias} {'moves to' if move else 'stays on'} version "
-                   f"{version.version if move else client.get_model_version_by_alias(register_as, alias).version}: {why}",
+                   f"{version.version if move else client.get_model_version_by_alias(name, alias).version}: {why}",
                    err=True)
     return version
 
 
 def champion_decision(client: MlflowClient, name: str, alias: str, challenger, promote: bool) -> tuple[bool, str]:
     """Whether `alias` should move to the challenger, and why: when nothing holds it yet, when the user
-    says --promote, or when the challenger's validation metric beats the champion's on the same data."""
+    says --promote, or when the challenger's score beats the champion's on the same data and the same kind of
+    score (a validation metric and a cross-validated one are not compared)."""
     try:
         champion = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return True, f"{name} had no @{alias} yet"
     if promote:
         return True, "--promote"
-    metric = f"best_{challenger.tags['monitor']}"
+    metric = challenger.tags.get("score") or f"best_{challenger.tags['monitor']}"
     theirs, ours = champion.tags.get(metric), challenger.tags.get(metric)
-    if champion.tags.get("data_fingerprint") != challenger.tags["data_fingerprint"] or theirs is None or ours is None:
+    same_kind = (champion.tags.get("score") or f"best_{champion.tags.get('monitor')}") == metric
+    if champion.tags.get("data_fingerprint") != challenger.tags["data_fingerprint"] or theirs is None or ours is None \
+            or not same_kind:
         return False, (f"version {champion.version} was validated on other data or another metric, so the two "
                        f"cannot be compared; pass --promote to move @{alias} anyway")
     better = float(ours) < float(theirs) if metric.endswith("loss") else float(ours) > float(theirs)

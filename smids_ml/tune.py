@@ -22,34 +22,43 @@ import click
 import mlflow
 import optuna
 import pandas as pd
+from optuna.trial import TrialState
 from mlflow import MlflowClient
 
 from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stops_cleanly
-from smids_ml.promotion import CHALLENGER, promote_best
+from smids_ml import finalists as final
+from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
 from smids_ml.search import Search, echo_trial, log_study, run_grid
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
 from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, best_trial, check_same_space, default_storage,
                               enqueue_defaults, fail_stale_trials, make_pruner, make_sampler, open_storage,
-                              retry_failed, run_exists, study_lock)
+                              RUN_ID_ATTR, ranked_trials, retry_failed, run_exists, study_lock)
 from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, use_experiment
 
 DEFAULT_TPE_TRIALS = 20
 # Trials are ranked, pruned and early-stopped on validation, so tune carves one even where train's default does not.
 TUNE_DEFAULTS = {"valid_frac": 0.15}
 PARENT_ATTR = "mlflow_parent_run_id"
+DEFAULT_FINALISTS, DEFAULT_FOLDS = 3, 5
 
 
 def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_trials: int | None = None,
          timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
          storage: str | None = None, register_as: str = "best", alias: str | None = "champion",
          experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3,
-         ensemble_top: int = 1, promote: bool = False, heartbeat: int = HEARTBEAT_SECONDS):
+         ensemble_top: int = 1, promote: bool = False, heartbeat: int = HEARTBEAT_SECONDS,
+         finalists: int = DEFAULT_FINALISTS, folds: int = DEFAULT_FOLDS, refit: str = "model"):
     """Run (or resume) a study under one parent run, as one of any number of workers on the same study
     (same --storage and --study-name); returns (study, registered version or None).
 
-    `ensemble_top` > 1 registers the ensemble of the best trials instead of the best one alone."""
+    With `finalists` > 0 the best trials (and the defaults trial) are cross-validated with `folds` folds and the
+    winner is refit and registered (`finalists` module); with 0 the best trial's own weights are registered,
+    or with `ensemble_top` > 1 the ensemble of the best trials."""
+    if finalists and ensemble_top > 1:
+        raise SmidsError("--ensemble-top registers the best trials' own weights: use it with --finalists 0, or "
+                         "--refit ensemble for the winning finalist's fold models")
     if base.valid_frac == 0:
         raise SmidsError(f"tune ranks trials by their validation {base.monitor}: --valid-frac must be above 0 "
                          "(0.15 is usual)")
@@ -107,8 +116,46 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             study.optimize(search.objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, gc_after_trial=True)
         with lock():
             log_study(study, base.monitor)
-            version = promote_best(study, search, register_as, alias, promote) if register_as else None
+            if finalists:
+                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote)
+            else:
+                version = promote_best(study, search, register_as, alias, promote) if register_as else None
     return study, version
+
+
+def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit: str, register_as: str | None,
+             alias: str | None, promote: bool):
+    """Under the study lock, once no trial runs: cross-validate the finalists (once per number of completed
+    trials, so a resumed study with more trials is scored again, and other workers do not repeat it), log
+    finalists.csv and the verdict on the parent run, refit the winner and register it as @challenger."""
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    if running:
+        click.echo(f"study {study.study_name}: {running} trial(s) still running; the worker that finishes last "
+                   "scores the finalists", err=True)
+        return None
+    done = len(ranked_trials(study))
+    if not done:
+        click.echo("no trial completed: no finalists to score, nothing to register", err=True)
+        return None
+    if study.user_attrs.get(final.SCORED_ATTR) == done:
+        click.echo(f"study {study.study_name}: its finalists were already scored over these {done} trials", err=True)
+        return None
+    outcome = final.score(final.choose(study, count), search, folds)
+    tracking.log_frame(outcome.table, "finalists.csv")
+    mlflow.set_tag("finalists.verdict", outcome.verdict)
+    final.echo(outcome)
+    version = None
+    if register_as:
+        uri, run_id = final.refit(outcome.winner, search, outcome, refit)
+        metric, _ = final.CV_METRIC[search.base.monitor]
+        winner = outcome.table.iloc[0]
+        version = register_challenger(uri, register_as, alias, promote, score=f"cv_{metric}_mean", tags={
+            "study": study.study_name, "trial": outcome.winner.number, "run_id": run_id, "refit": refit,
+            final.REFIT_OF: outcome.winner.user_attrs.get(RUN_ID_ATTR, ""), "monitor": search.base.monitor,
+            "data_fingerprint": search.dataset.fingerprint(), f"cv_{metric}_mean": round(float(winner["mean"]), 6),
+            f"cv_{metric}_std": round(float(winner["std"]), 6), "folds": folds})
+    study.set_user_attr(final.SCORED_ATTR, done)
+    return version
 
 
 @click.command("tune")
@@ -139,16 +186,25 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
 @click.option("--ensemble-top", type=click.IntRange(min=1), default=1, show_default=True,
               help="Register the ensemble of the best K trials (sharing the best's input size and colour mode): "
                    "one model that averages their probabilities.")
+@click.option("--finalists", type=click.IntRange(min=0), default=DEFAULT_FINALISTS, show_default=True,
+              help="Cross-validate the best N trials (and the defaults trial) on the same folds of the training part, "
+                   "and refit and register the winner by mean (0: register the best trial's own weights).")
+@click.option("--folds", type=click.IntRange(min=2), default=DEFAULT_FOLDS, show_default=True,
+              help="Folds of the finalists' cross-validation.")
+@click.option("--refit", type=click.Choice(["model", "ensemble"]), default="model", show_default=True,
+              help="What the winning finalist registers: model, trained again on the whole training part (no "
+                   "carve-out, full schedule); ensemble, its fold models as one averaging model (no more training).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @config_options(TUNE_DEFAULTS)
 @stops_cleanly("the running trial is marked FAIL and its run FAILED; run the same command again to resume")
 def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
-         storage, register_as, alias, promote, heartbeat, ensemble_top, experiment, **options):
+         storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
     base = config_from_options(options, TUNE_DEFAULTS)
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
-                          pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat)
+                          pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat,
+                          finalists, folds, refit)
     best = best_trial(study)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     click.echo(f"study {study.study_name}: {len(study.trials)} trials {states}")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import mlflow
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -19,7 +20,8 @@ from smids_ml.studies import open_storage
 from tests.conftest import TINY
 from tests.helpers import assert_one_line_error, invoke, make_colour_dataset, mlflow_run
 
-FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0"]
+# --finalists 0: the best trial's own weights are registered (the finalists' cross-validation has its own tests)
+FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0", "--finalists", "0"]
 
 
 def space_file(tmp_path, name: str, text: str):
@@ -157,7 +159,7 @@ def test_an_interrupted_trial_is_marked_failed_and_the_resumed_study_completes(s
 def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path, postgres_url):
     space = space_file(tmp_path, "pg", "params:\n  lr: [0.001, 0.003]\n")
     params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
-              "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best"}
+              "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best", "finalists": 0}
     mlflow_run("tune", tracking, params, tmp_path)
     runs = mlflow.search_runs(experiment_names=[tracking])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
@@ -274,3 +276,61 @@ def test_a_new_tpe_study_runs_the_defaults_first_and_tags_them(tracking, synth_d
     outside = tune(tracking, synth_data, storage, *args, "--study-name", "outside", "--lr", "0.01", "--n-trials", "1")
     assert "no defaults trial" in outside.output and "lr=0.01" in outside.output
     assert not any(t.user_attrs.get("smids_ml.defaults") for t in load(storage, "outside").trials)
+
+
+def finalists_study(tracking, synth_data, tmp_path, name: str, *extra: str):
+    space = space_file(tmp_path, name, "fixed: {model: improved_cnn}\nparams:\n  lr: [0.001, 0.002, 0.004]\n")
+    storage = tmp_path / "optuna.journal"
+    result = tune(tracking, synth_data, storage, "--sampler", "tpe", "--space", space, "--epochs", "1", "--n-trials",
+                  "3", "--study-name", name, "--pruner", "none", "--lr", "0.002", "--register-as", name,
+                  "--finalists", "2", "--folds", "3", *extra)
+    return result, storage
+
+
+def test_finalists_are_cross_validated_on_the_same_folds_and_the_winner_is_refit(tracking, synth_data, tmp_path):
+    result, storage = finalists_study(tracking, synth_data, tmp_path, "final")
+    study = load(storage, "final")
+    parent = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.`optuna.study` = 'final' and "
+                                "attributes.run_name LIKE 'study-%'", output_format="list")[0]
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="finalists.csv"))
+    assert {"trial", "run_id", "fold_1", "fold_2", "fold_3", "mean", "std", "diff_to_defaults", "diff_se"} <= set(table)
+    best_two = sorted(study.trials, key=lambda t: t.value, reverse=True)[:2]
+    assert set(table["trial"]) == {t.number for t in best_two} | {0}  # the two best, and the defaults trial
+    defaults = table[table["defaults"]].iloc[0]
+    assert defaults["trial"] == 0 and defaults["diff_to_defaults"] == 0
+    assert table["mean"].is_monotonic_decreasing
+    np.testing.assert_allclose(table[["fold_1", "fold_2", "fold_3"]].mean(1), table["mean"])
+    cv_runs = [MlflowClient().get_run(r) for r in table["cv_run_id"]]
+    sizes = {tuple(pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="cv_folds.csv"))
+                   ["n_test"]) for r in cv_runs}
+    assert len(sizes) == 1  # the same folds for every finalist
+    assert parent.data.tags["finalists.verdict"] in result.output
+    winner = table.iloc[0]
+    version = MlflowClient().get_model_version_by_alias("final", "champion")
+    assert version.tags["score"] == "cv_test_f1_macro_mean" and version.tags["refit"] == "model"
+    assert float(version.tags["cv_test_f1_macro_mean"]) == pytest.approx(winner["mean"], abs=1e-6)
+    refit = MlflowClient().get_run(version.tags["run_id"])
+    assert refit.data.tags["smids_ml.refit_of"] == winner["run_id"] == version.tags["smids_ml.refit_of"]
+    assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert float(refit.data.params["valid_frac"]) == 0 and refit.data.params["n_valid"] == "0"
+    trials_run = MlflowClient().get_run(winner["run_id"])
+    assert int(refit.data.params["n_train"]) == int(trials_run.data.params["n_train"]) + int(trials_run.data.params["n_valid"])
+    assert refit.data.params["n_test"] == trials_run.data.params["n_test"]  # the test rows stay unseen
+    again = tune(tracking, synth_data, storage, "--sampler", "tpe", "--space", str(tmp_path / "final.yaml"),
+                 "--timeout", "1e-9", "--study-name", "final", "--register-as", "final", "--finalists", "2",
+                 "--folds", "3", "--epochs", "1")  # no new trial: nothing to score again
+    assert "already scored" in again.output
+    assert len(MlflowClient().search_model_versions("name = 'final'")) == 1
+
+
+def test_refit_ensemble_registers_the_winners_fold_models(tracking, synth_data, tmp_path):
+    finalists_study(tracking, synth_data, tmp_path, "final-ensemble", "--refit", "ensemble")
+    version = MlflowClient().get_model_version_by_alias("final-ensemble", "champion")
+    assert version.tags["refit"] == "ensemble"
+    assert len(load_classifier("models:/final-ensemble@champion").networks) == 3
+
+
+def test_ensemble_top_needs_finalists_off(tracking, synth_data, tmp_path):
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(tmp_path / "j"),
+                     "--ensemble-top", "2", "--finalists", "2"])
+    assert_one_line_error(result, "--ensemble-top", "--finalists 0")
