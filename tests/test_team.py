@@ -62,12 +62,12 @@ def team(tmp_path, monkeypatch):
     server.stop()
 
 
-def worker(team, synth_data, tmp_path, storage: str, study: str, epochs: int) -> subprocess.Popen:
+def worker(team, synth_data, tmp_path, storage: str, study: str, epochs: int, *extra: str) -> subprocess.Popen:
     space = tmp_path / f"{study}.yaml"
     space.write_text(f"fixed: {{model: improved_cnn}}\nparams:\n  lr: {GRID}\n")
     command = [sys.executable, "-m", "smids_ml.tune", "--data", str(synth_data), "--experiment", "team",
                "--storage", storage, "--study-name", study, "--sampler", "grid", "--space", str(space),
-               "--register-as", study, "--pruner", "none", "--heartbeat", "2", "--epochs", str(epochs), *FLAGS]
+               "--register-as", study, "--pruner", "none", "--heartbeat", "2", "--epochs", str(epochs), *FLAGS, *extra]
     log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w+")
     process = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, MLFLOW_TRACKING_URI=team.url),
                                stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -111,6 +111,20 @@ def test_three_workers_share_one_grid_study(team, synth_data, tmp_path, postgres
     study = optuna.load_study(study_name="shared", storage=postgres_url)
     assert len(study.trials) == len(GRID)
     check_study(study, "shared")
+
+
+def test_two_workers_score_the_finalists_and_refit_once(team, synth_data, tmp_path, postgres_url):
+    results = finish([worker(team, synth_data, tmp_path, postgres_url, "final", 1, "--finalists=2", "--folds=2")
+                      for _ in range(2)])
+    assert [code for code, _ in results] == [0, 0], results
+    assert sum("already scored" in tail for _, tail in results) == 1, results
+    parent, children = one_parent_and_its_children("final")
+    refits = [r for r in children if "smids_ml.refit_of" in r.data.tags]
+    assert len(refits) == 1 and refits[0].info.status == "FINISHED"
+    assert len([r for r in children if r.info.run_name.startswith("finalist ")]) == 2
+    assert "finalists.csv" in {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    versions = MlflowClient().search_model_versions("name = 'final'")
+    assert len(versions) == 1 and versions[0].tags["run_id"] == refits[0].info.run_id
 
 
 def test_a_killed_workers_trial_fails_and_another_worker_reruns_it(team, synth_data, tmp_path, postgres_url):
