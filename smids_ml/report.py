@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd

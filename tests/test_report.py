@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -210,6 +208,7 @@ def test_a_flat_folder_is_one_sample_and_without_an_evaluation_the_counts_stand_
     assert data["adjustment"] is None and "smids-ml evaluate" in data["adjustment_note"]
     assert "normal_fraction_adjusted" not in data["samples"][0]
     one = invoke(["report", model, str(synth_data), "--out", str(tmp_path / "one"), "--one-sample"])
+    assert one.exit_code == 0, one.output
     assert json.loads((tmp_path / "one" / "report.json").read_text())["samples"][0]["n_crops"] == 36
 
 
