@@ -142,6 +142,7 @@ def samples(synth_data, tmp_path_factory):
                 shutil.copy(crop, where / f"{label}-{i}.bmp")
     for i, crop in enumerate(sorted((synth_data / NORMAL).iterdir())[:2]):
         shutil.copy(crop, root / f"loose-{i}.bmp")
+    (root / "patient-b" / "broken.bmp").write_bytes(b"BM" + bytes(20))  # unreadable: listed, not counted
     return root
 
 
@@ -170,8 +171,11 @@ def test_report_numbers_match_its_predictions(report, samples, model, evaluation
     predictions = pd.read_csv(out / "predictions.csv")
     assert {s["sample"]: s["n_crops"] for s in data["samples"]} == {samples.name: 2, "patient-a": 8, "patient-b": 4}
     assert set(predictions["sample"]) == {samples.name, "patient-a", "patient-b"}
+    assert {s["sample"]: s["n_unreadable"] for s in data["samples"]} == {samples.name: 0, "patient-a": 0, "patient-b": 1}
+    broken = predictions[predictions["path"].str.endswith("broken.bmp")]
+    assert len(broken) == 1 and broken["error"].notna().all()
     for sample in data["samples"]:
-        rows = predictions[predictions["sample"] == sample["sample"]]
+        rows = predictions[(predictions["sample"] == sample["sample"]) & predictions["error"].isna()]
         counts = rows["label"].value_counts()
         assert sample["counts"] == {c: int(counts.get(c, 0)) for c in SMIDS_CLASSES}
         cells = len(rows) - counts.get(NON_SPERM, 0)
@@ -219,6 +223,7 @@ def test_bad_report_input_is_one_line(model, tmp_path, samples):
     assert_one_line_error(invoke(["report", model, str(samples), "--normal-class", "Pyriform"]),
                           "--normal-class", "Pyriform", "not a class")
     assert_one_line_error(invoke(["report", model, str(samples), "--evaluation-run", "0" * 32]), "0" * 32)
+    assert_one_line_error(invoke(["report", "models:/no-such-model/1", str(samples)]), "cannot load model")
 
 
 def test_report_entry_point_through_mlflow_run(model, samples, evaluation_run, tracking, tmp_path):
