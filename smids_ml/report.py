@@ -290,17 +290,21 @@ def sample_section(model, sample: dict, table: pd.DataFrame, roles: Roles, per_c
     """A sample's plot, its crops for review and a gallery per predicted class, each crop with its overlay."""
     figure = plots.sample_shares(sample, model.classes, roles.normal)
     parts = [f'<img class="plot" src="{_png(figure)}" alt="class shares of {html.escape(sample["sample"])}">']
-    review = table[table["confidence"] < sample["review_below"]].nsmallest(per_class * 3, "confidence")
-    shown = {"for review (least confident first)": review}
+    flagged = table[table["confidence"] < sample["review_below"]]
+    review = flagged.nsmallest(per_class * 3, "confidence")
+    shown = {f"for review: {len(flagged)}" + (f", the {len(review)} least confident shown" if len(review) < len(flagged)
+                                              else ", least confident first"): review}
     for name in model.classes:
-        shown[f"predicted {name} (most confident first)"] = table[table["label"] == name].nlargest(per_class, "confidence")
+        rows = table[table["label"] == name]
+        shown[f"predicted {name}: {len(rows)}, the {min(per_class, len(rows))} most confident shown"] = \
+            rows.nlargest(per_class, "confidence")
     for heading, rows in shown.items():
         crops = [open_image(path) for path in rows["path"]]
         overlays = explain(model, crops) if crops else []
         captions = [f"{Path(p).name}: {label} {conf:.2f}" for p, label, conf in zip(rows["path"], rows["label"],
                                                                                     rows["confidence"])]
         tiles = "".join(_tile(c, o, caption) for c, o, caption in zip(crops, overlays, captions))
-        parts.append(f"<h3>{html.escape(heading)}: {len(rows)}</h3><div>{tiles or '<p>none</p>'}</div>")
+        parts.append(f"<h3>{html.escape(heading)}</h3><div>{tiles or '<p>none</p>'}</div>")
     return "".join(parts)
 
 
