@@ -278,12 +278,12 @@ def test_a_new_tpe_study_runs_the_defaults_first_and_tags_them(tracking, synth_d
     assert not any(t.user_attrs.get("smids_ml.defaults") for t in load(storage, "outside").trials)
 
 
-def finalists_study(tracking, synth_data, tmp_path, name: str, *extra: str):
+def finalists_study(tracking, synth_data, tmp_path, name: str, *extra: str, folds: int = 3):
     space = space_file(tmp_path, name, "fixed: {model: improved_cnn}\nparams:\n  lr: [0.001, 0.002, 0.004]\n")
     storage = tmp_path / "optuna.journal"
     result = tune(tracking, synth_data, storage, "--sampler", "tpe", "--space", space, "--epochs", "1", "--n-trials",
                   "3", "--study-name", name, "--pruner", "none", "--lr", "0.002", "--register-as", name,
-                  "--finalists", "2", "--folds", "3", *extra)
+                  "--finalists", "2", "--folds", str(folds), *extra)
     return result, storage
 
 
@@ -324,10 +324,10 @@ def test_finalists_are_cross_validated_on_the_same_folds_and_the_winner_is_refit
 
 
 def test_refit_ensemble_registers_the_winners_fold_models(tracking, synth_data, tmp_path):
-    finalists_study(tracking, synth_data, tmp_path, "final-ensemble", "--refit", "ensemble")
+    finalists_study(tracking, synth_data, tmp_path, "final-ensemble", "--refit", "ensemble", "--finalists", "1", folds=2)
     version = MlflowClient().get_model_version_by_alias("final-ensemble", "champion")
     assert version.tags["refit"] == "ensemble"
-    assert len(load_classifier("models:/final-ensemble@champion").networks) == 3
+    assert len(load_classifier("models:/final-ensemble@champion").networks) == 2
 
 
 def test_ensemble_top_needs_finalists_off(tracking, synth_data, tmp_path):
