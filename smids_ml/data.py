@@ -115,20 +115,28 @@ def pixel_hash(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def padded_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """Where a width×height crop lies (left, top, right, bottom) inside the size×size input of `--resize pad`:
+    scaled to fit, centred. Overlays use it to map a map over the input back onto the crop."""
+    scale = size / max(width, height)
+    inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+    left, top = (size - inner[0]) // 2, (size - inner[1]) // 2
+    return left, top, left + inner[0], top + inner[1]
+
+
 def prepare_image(image: Image.Image, size: int, channels: int, resize: str) -> torch.Tensor:
     """The evaluation preprocessing, shared by training, evaluation and serving: uint8 C×size×size."""
     image = image.convert("L" if channels == 1 else "RGB")
     if resize == "stretch":
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     else:  # pad: keep the aspect ratio, fill with the crop's own border colour
-        scale = size / max(image.size)
-        inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        resized = image.resize(inner, Image.Resampling.BILINEAR)
+        left, top, right, bottom = padded_box(image.width, image.height, size)
+        resized = image.resize((right - left, bottom - top), Image.Resampling.BILINEAR)
         pixels = np.asarray(image)
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
         fill = tuple(int(v) for v in np.atleast_1d(np.median(border, axis=0)))
         image = Image.new(image.mode, (size, size), fill if channels == 3 else fill[0])
-        image.paste(resized, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        image.paste(resized, (left, top))
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]

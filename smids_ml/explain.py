@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision import models as tv
 
-from smids_ml.data import normalize
+from smids_ml.data import normalize, padded_box
 from smids_ml.models import D4Average
 
 OVERLAY_ALPHA = 0.45  # share of the heat map in the blend: the crop stays readable underneath
@@ -77,20 +77,11 @@ def activation_maps(networks: list[nn.Module], images: torch.Tensor, targets: to
     return _unit(torch.stack([_unit(_network_map(n, x.clone(), targets)) for n in networks]).mean(0)).numpy()
 
 
-def _content_box(crop: Image.Image, side: int, resize: str) -> tuple[int, int, int, int]:
-    """Where the crop lies inside the square network input (the inverse of `data.prepare_image`)."""
-    if resize == "stretch":
-        return 0, 0, side, side
-    scale = side / max(crop.size)
-    inner = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
-    left, top = (side - inner[0]) // 2, (side - inner[1]) // 2
-    return left, top, left + inner[0], top + inner[1]
-
-
 def overlay(crop: Image.Image, heat: np.ndarray, resize: str = "pad") -> Image.Image:
     """The crop (RGB, its own size) with `heat` (a map over the square network input) blended over it."""
     crop = crop.convert("RGB")
-    box = _content_box(crop, heat.shape[0], resize)
+    side = heat.shape[0]
+    box = (0, 0, side, side) if resize == "stretch" else padded_box(crop.width, crop.height, side)
     region = Image.fromarray((heat * 255).astype(np.uint8)).crop(box).resize(crop.size, Image.Resampling.BILINEAR)
     colours = colormaps["jet"](np.asarray(region, dtype=np.float32) / 255.0)[..., :3]
     blend = (1 - OVERLAY_ALPHA) * np.asarray(crop, dtype=np.float32) / 255.0 + OVERLAY_ALPHA * colours

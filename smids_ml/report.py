@@ -35,7 +35,7 @@ from scipy.optimize import nnls
 
 from smids_ml import SmidsError, plots
 from smids_ml.data import IMAGE_EXTENSIONS, open_image, printable
-from smids_ml.evaluate import latest_evaluation, resolve_model
+from smids_ml.evaluate import ModelSource, latest_evaluation, resolve_model
 from smids_ml.explain import explain
 from smids_ml.predict import predict_inputs
 from smids_ml.serving import load_classifier, one_line
@@ -187,14 +187,14 @@ def find_samples(folder: Path, one_sample: bool = False) -> dict[str, list[Path]
     return samples
 
 
-def find_adjustment(model_uri: str, classes: list[str], run_id: str | None, workdir: str) -> tuple[Adjustment | None, str]:
+def find_adjustment(source: ModelSource, classes: list[str], run_id: str | None, workdir: str) -> tuple[Adjustment | None, str]:
     """The confusion counts of `run_id`'s predictions.csv, or of the model's latest test evaluation; without a
     usable one, None and the reason (the report then gives the counted figures only)."""
     try:
         if run_id is None:
-            run = latest_evaluation(resolve_model(model_uri))
+            run = latest_evaluation(source)
             if run is None:
-                return None, f"no test evaluation of {model_uri} was found; run `smids-ml evaluate {model_uri}` first"
+                return None, f"no test evaluation of {source.uri} was found; run `smids-ml evaluate {source.uri}` first"
             run_id = run["run_id"]
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.csv", dst_path=workdir)
         counts = confusion_counts(pd.read_csv(path), classes)
@@ -286,11 +286,12 @@ def render_html(report: dict, galleries: dict[str, str]) -> str:
                        method=html.escape(method), sections=sections, disclaimer=html.escape(report["disclaimer"]))
 
 
-def sample_section(model, sample: dict, table: pd.DataFrame, roles: Roles, per_class: int) -> str:
-    """A sample's plot, its crops for review and a gallery per predicted class, each crop with its overlay."""
+def sample_section(model, sample: dict, table: pd.DataFrame, roles: Roles, review_below: float, per_class: int) -> str:
+    """A sample's plot, its crops for review and a gallery per predicted class, each crop with the overlay of the
+    class it was given (`table`: its readable rows of predictions.csv)."""
     figure = plots.sample_shares(sample, model.classes, roles.normal)
     parts = [f'<img class="plot" src="{_png(figure)}" alt="class shares of {html.escape(sample["sample"])}">']
-    flagged = table[table["confidence"] < sample["review_below"]]
+    flagged = table[table["confidence"] < review_below]
     review = flagged.nsmallest(per_class * 3, "confidence")
     shown = {f"for review: {len(flagged)}" + (f", the {len(review)} least confident shown" if len(review) < len(flagged)
                                               else ", least confident first"): review}
@@ -300,7 +301,7 @@ def sample_section(model, sample: dict, table: pd.DataFrame, roles: Roles, per_c
             rows.nlargest(per_class, "confidence")
     for heading, rows in shown.items():
         crops = [open_image(path) for path in rows["path"]]
-        overlays = explain(model, crops) if crops else []
+        overlays = explain(model, crops, rows[model.classes].to_numpy().argmax(1).tolist()) if crops else []
         captions = [f"{Path(p).name}: {label} {conf:.2f}" for p, label, conf in zip(rows["path"], rows["label"],
                                                                                     rows["confidence"])]
         tiles = "".join(_tile(c, o, caption) for c, o, caption in zip(crops, overlays, captions))
@@ -319,8 +320,9 @@ def make_report(model_uri: str, folder: Path, out: Path, one_sample: bool = Fals
     model = load_classifier(model_uri)
     classes = list(model.classes)
     roles = Roles.infer(classes, normal_class)
+    source = resolve_model(model_uri)
     with tempfile.TemporaryDirectory() as workdir:
-        adjustment, why_not = find_adjustment(model_uri, classes, evaluation_run, workdir)
+        adjustment, why_not = find_adjustment(source, classes, evaluation_run, workdir)
     tables, figures = [], []
     rng = np.random.default_rng(seed)
     for name, files in samples.items():
@@ -337,7 +339,7 @@ def make_report(model_uri: str, folder: Path, out: Path, one_sample: bool = Fals
         figure["review"] = [{"path": p, "predicted": label, "confidence": round(float(c), 4)}
                             for p, label, c in zip(review["path"], review["label"], review["confidence"])]
         figures.append(figure)
-    report = {"model": model_uri, "model_version": resolve_model(model_uri).canonical, "folder": printable(str(folder)),
+    report = {"model": model_uri, "model_version": source.canonical, "folder": printable(str(folder)),
               "classes": classes, "normal_class": roles.normal, "excluded_classes": roles.excluded,
               "interval": "Wilson score 95%", "review_below": review_below,
               "adjusted_interval": f"percentile bootstrap 95% ({BOOTSTRAP_RESAMPLES} resamples of the sample's crops "
@@ -346,10 +348,9 @@ def make_report(model_uri: str, folder: Path, out: Path, one_sample: bool = Fals
               "adjustment_note": why_not or None,
               "disclaimer": DISCLAIMER, "samples": figures}
     predictions = pd.concat(tables, ignore_index=True)
-    galleries = {s["sample"]: sample_section(model, {**s, "review_below": review_below},
-                                             predictions[(predictions["sample"] == s["sample"])
-                                                         & predictions["error"].isna()], roles, per_class)
-                 for s in figures}
+    readable = predictions[predictions["error"].isna()]
+    galleries = {s["sample"]: sample_section(model, s, readable[readable["sample"] == s["sample"]], roles,
+                                             review_below, per_class) for s in figures}
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -26,15 +26,15 @@ from optuna.trial import TrialState
 from mlflow import MlflowClient
 
 from smids_ml import SmidsError, tracking
+from smids_ml import finalists as final
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stops_cleanly
-from smids_ml import finalists as final
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
 from smids_ml.search import Search, echo_trial, log_study, run_grid
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
-from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, best_trial, check_same_space, default_storage,
+from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, RUN_ID_ATTR, best_trial, check_same_space, default_storage,
                               enqueue_defaults, fail_stale_trials, make_pruner, make_sampler, open_storage,
-                              RUN_ID_ATTR, ranked_trials, retry_failed, run_exists, study_lock)
+                              ranked_trials, retry_failed, run_exists, study_lock)
 from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, use_experiment
 
 DEFAULT_TPE_TRIALS = 20
