@@ -47,6 +47,11 @@ def training_part(dataset: Dataset) -> Dataset:
     return Dataset(dataset.root, rows, dataset.classes)
 
 
+def part_ratio(dataset: Dataset) -> float:
+    """How much larger the training part is than a trial's training split (what a finalist's model costs more)."""
+    return len(training_part(dataset).manifest) / max(len(dataset.part("train")), 1)
+
+
 @dataclass
 class Outcome:
     table: pd.DataFrame  # finalists.csv

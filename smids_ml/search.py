@@ -15,12 +15,15 @@ import mlflow
 import optuna
 import pandas as pd
 import torch
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from smids_ml import tracking
 from smids_ml.config import TrainConfig
 from smids_ml.console import stop_if_signalled
 from smids_ml.data import Dataset
+from smids_ml.rungs import (DEFAULT_ETA, EPOCHS_ATTR, RUNG_TAG, RUNGS_ATTR, carry, record, rung_epochs,
+                            rungs_of_failed, step_of)
 from smids_ml.spaces import suggest
 from smids_ml.studies import (DEFAULTS_ATTR, GRID_ATTR, RUN_ID_ATTR, best_trial, fail_stale_trials, next_grid_point,
                               ranked_trials)
@@ -37,15 +40,55 @@ class Search:
     space: dict
     dataset: Dataset
     keep: int = 1  # the best `keep` trials' weights go to the artifact store (the top-k ensemble)
+    rungs: int = 1  # successive halving over this many rungs (as `rung_epochs` makes them from the epochs)
+    halving: bool = False  # rungs are judged, not epochs (so one rung is a plain trial, never pruned)
+    eta: int = DEFAULT_ETA
+    plan: object = None  # a budget.Plan: progress lines say the budget left
 
     def objective(self, trial: optuna.Trial) -> float:
+        """One trial: a single training (pruned by epoch), or with `rungs` > 1 one complete, compressed
+        schedule per rung until the pruner stops it or the last rung, at the recipe's length, gives its value."""
         cfg = self.base.replace(**suggest(trial, self.space)).validate()
-        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
-                **({DEFAULTS_ATTR: "true"} if trial.user_attrs.get(DEFAULTS_ATTR) else {})}
         for key, value in tracking.process_tags().items():
             trial.set_user_attr(key, value)
-        with mlflow.start_run(run_name=f"trial-{trial.number:03d}", nested=True, tags=tags) as run:
+        lengths = rung_epochs(cfg.epochs, self.eta, self.rungs)
+        if len(lengths) == 1:
+            return self.train(trial, cfg, report_epochs=not self.halving)
+        carried = carry(trial, self.eta)
+        for rung, epochs in enumerate(lengths):
+            if rung in carried:
+                continue
+            last = rung == len(lengths) - 1
+            trial.set_user_attr(RUNG_TAG, rung)
+            trial.set_user_attr(EPOCHS_ATTR, epochs)
+            budget = {"rung": rung, "budget": round(epochs / cfg.epochs, 4)}
+            left = f", ~{self.plan.minutes_left():.0f} min of the budget left" if self.plan else ""
+            click.echo(f"trial {trial.number}: rung {rung} ({epochs} of {cfg.epochs} epochs){left}", err=True)
+            value = self.train(trial, cfg.replace(epochs=epochs), budget=budget, keep=last)
+            if last:
+                return value
+            trial.report(value, step_of(rung, self.eta))
+            run_id = trial.user_attrs[RUN_ID_ATTR]
+            if trial.should_prune():
+                MlflowClient().set_tag(run_id, "optuna.state", "PRUNED")
+                raise optuna.TrialPruned(f"{cfg.monitor} {value:.4f} at rung {rung} ({epochs} epochs)")
+            MlflowClient().set_tag(run_id, "optuna.state", "PROMOTED")
+            record(trial, rung, value, run_id, epochs)
+            click.echo(f"trial {trial.number}: rung {rung} {cfg.monitor} {value:.4f}, promoted", err=True)
+        raise AssertionError("unreachable: the last rung returns")
+
+    def train(self, trial: optuna.Trial, cfg: TrainConfig, report_epochs: bool = False, budget: dict | None = None,
+              keep: bool = True) -> float:
+        """One nested run: train `cfg` and return its best validation score; with `report_epochs` each epoch is
+        reported to the pruner. The run's id is the trial's `mlflow_run_id` (its latest rung's, with rungs)."""
+        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
+                **({DEFAULTS_ATTR: "true"} if trial.user_attrs.get(DEFAULTS_ATTR) else {}),
+                **({RUNG_TAG: str(budget["rung"])} if budget else {})}
+        name = f"trial-{trial.number:03d}" + (f" rung {budget['rung']} ({cfg.epochs} epochs)" if budget else "")
+        with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            if budget:
+                mlflow.log_params(budget)
 
             def report(epoch: int, metrics: dict) -> None:
                 trial.report(metrics[cfg.monitor], epoch)
@@ -53,24 +96,24 @@ class Search:
                     raise optuna.TrialPruned(f"{cfg.monitor} {metrics[cfg.monitor]:.4f} at epoch {epoch}")
 
             try:
-                result = run_training(cfg, self.dataset, callbacks=[report], log_model=False)
-            except optuna.TrialPruned:
+                result = run_training(cfg, self.dataset, callbacks=[report] if report_epochs else [], log_model=False)
+            except optuna.TrialPruned as pruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
-                pruned = True
+                stopped = pruned  # raised once the run has ended FINISHED: a pruned run keeps its metrics
             except BaseException:
                 mlflow.set_tag("optuna.state", "FAIL")
                 raise
             else:
-                pruned = False
+                stopped = None
                 value = result.history.best[cfg.monitor]
-                if self.among_best(trial.study, value):
+                if keep and self.among_best(trial.study, value):
                     with tempfile.TemporaryDirectory() as tmp:
                         path = Path(tmp) / Path(WEIGHTS).name
                         torch.save(result.network.state_dict(), path)
                         mlflow.log_artifact(str(path), str(Path(WEIGHTS).parent))
                 mlflow.set_tag("optuna.state", "COMPLETE")
-        if pruned:
-            raise optuna.TrialPruned()
+        if stopped:
+            raise stopped
         return value
 
     def among_best(self, study: optuna.Study, value: float) -> bool:
@@ -88,8 +131,10 @@ class Search:
 def echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Callback: one line per finished trial."""
     value = "" if trial.value is None else f" {trial.value:.4f}"
-    click.echo(f"trial {trial.number} {trial.state.name}{value} after {len(trial.intermediate_values)} epochs: "
-               f"{trial.params}", err=True)
+    rung = trial.user_attrs.get(RUNG_TAG)
+    where = (f"at rung {rung} ({trial.user_attrs.get(EPOCHS_ATTR)} epochs)" if rung is not None
+             else f"after {len(trial.intermediate_values)} epochs")
+    click.echo(f"trial {trial.number} {trial.state.name}{value} {where}: {trial.params}", err=True)
 
 
 def run_grid(study: optuna.Study, search: Search, lock, poll: float, n_trials: int | None = None,
@@ -107,6 +152,9 @@ def run_grid(study: optuna.Study, search: Search, lock, poll: float, n_trials: i
             if point is not None:
                 trial = study.ask()
                 trial.set_user_attr(GRID_ATTR, point)
+                carried = rungs_of_failed(study, point)
+                if carried:
+                    trial.set_user_attr(RUNGS_ATTR, carried)
         if point is None:
             if not busy:
                 return ran
@@ -142,7 +190,8 @@ def summary(study: optuna.Study, monitor: str) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({**t.params, monitor: t.value, "state": t.state.name, "trial": t.number,
-                     "run_name": f"trial-{t.number:03d}", "epochs": len(t.intermediate_values),
+                     "run_name": f"trial-{t.number:03d}", "rung": t.user_attrs.get(RUNG_TAG),
+                     "epochs": t.user_attrs.get(EPOCHS_ATTR, len(t.intermediate_values)),
                      "seconds": t.duration.total_seconds() if t.duration else None,
                      "defaults": bool(t.user_attrs.get(DEFAULTS_ATTR)), "mlflow_run_id": t.user_attrs.get(RUN_ID_ATTR)})
     frame = pd.DataFrame(rows)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig
+from smids_ml.rungs import DEFAULT_ETA, RUNGS_ATTR, RungPruner
 from smids_ml.spaces import grid_of, point_outside
 
 JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
@@ -112,7 +113,10 @@ def make_sampler(name: str, space: dict, seed: int):
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def make_pruner(name: str, startup_trials: int, warmup_epochs: int, max_epochs: int):
+def make_pruner(name: str, startup_trials: int, warmup_epochs: int, max_epochs: int, eta: int = DEFAULT_ETA):
+    """halving: successive halving over rungs (`rungs`); median and hyperband judge the epochs of one training."""
+    if name == "halving":
+        return RungPruner(eta)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
     if name == "hyperband":
@@ -207,14 +211,15 @@ def enqueue_defaults(study: optuna.Study, space: dict, base: TrainConfig) -> boo
 
 
 def retry_failed(study: optuna.Study) -> int:
-    """Queue again each failed trial whose params never completed (TPE, random), so resume covers them."""
+    """Queue again each failed trial whose params never completed (TPE, random), so resume covers them; the retry
+    carries the rungs the failed trial was promoted from."""
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
     covered = [t.params for t in study.get_trials(deepcopy=False, states=finished)]
     queued = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.params and trial.params not in covered:
-            study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items() if k == DEFAULTS_ATTR},
-                                skip_if_exists=False)
+            carried = {k: v for k, v in trial.user_attrs.items() if k in (DEFAULTS_ATTR, RUNGS_ATTR)}
+            study.enqueue_trial(trial.params, user_attrs=carried, skip_if_exists=False)
             covered.append(trial.params)
             queued += 1
     return queued

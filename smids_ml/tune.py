@@ -27,9 +27,11 @@ from mlflow import MlflowClient
 
 from smids_ml import SmidsError, tracking
 from smids_ml import finalists as final
+from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stops_cleanly
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
+from smids_ml.rungs import DEFAULT_ETA, DEFAULT_RUNGS, rung_epochs
 from smids_ml.search import Search, echo_trial, log_study, run_grid
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
 from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, RUN_ID_ATTR, best_trial, check_same_space, default_storage,
@@ -45,17 +47,19 @@ DEFAULT_FINALISTS, DEFAULT_FOLDS = 3, 5
 
 
 def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_trials: int | None = None,
-         timeout: float | None = None, pruner: str = "median", study_name: str | None = None,
+         timeout: float | None = None, pruner: str = "halving", study_name: str | None = None,
          storage: str | None = None, register_as: str = "best", alias: str | None = "champion",
          experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3,
          ensemble_top: int = 1, promote: bool = False, heartbeat: int = HEARTBEAT_SECONDS,
-         finalists: int = DEFAULT_FINALISTS, folds: int = DEFAULT_FOLDS, refit: str = "model"):
+         finalists: int = DEFAULT_FINALISTS, folds: int = DEFAULT_FOLDS, refit: str = "model",
+         rungs: int = DEFAULT_RUNGS, eta: int = DEFAULT_ETA, budget: float | None = None):
     """Run (or resume) a study under one parent run, as one of any number of workers on the same study
     (same --storage and --study-name); returns (study, registered version or None).
 
     With `finalists` > 0 the best trials (and the defaults trial) are cross-validated with `folds` folds and the
     winner is refit and registered (`finalists` module); with 0 the best trial's own weights are registered,
-    or with `ensemble_top` > 1 the ensemble of the best trials."""
+    or with `ensemble_top` > 1 the ensemble of the best trials. A `budget` in minutes (TPE and random) plans the
+    trials, rungs, finalists and folds that fit it here (`budget` module); --n-trials then caps the trials."""
     if finalists and ensemble_top > 1:
         raise SmidsError("--ensemble-top registers the best trials' own weights: use it with --finalists 0, or "
                          "--refit ensemble for the winning finalist's fold models")
@@ -70,18 +74,26 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     study_name = study_name or f"{Path(space_name).stem}-{sampler}"
     if sampler == "grid":
         grid_of(space)
-    elif n_trials is None and timeout is None:
-        n_trials = DEFAULT_TPE_TRIALS
     lock = functools.partial(study_lock, storage, study_name)
     dataset = prepare_data(base)
-    search = Search(base, space, dataset, keep=ensemble_top)
+    halving = pruner == "halving"
+    rungs = len(rung_epochs(base.epochs, eta, rungs)) if halving else 1
+    search = Search(base, space, dataset, keep=ensemble_top, rungs=rungs, eta=eta, halving=halving)
+    planned = None
+    if budget and sampler != "grid":
+        planned = search.plan = plan(budget, base, dataset, search.rungs, eta, finalists, folds, n_trials)
+        click.echo(planned.line(), err=True)
+        n_trials, search.rungs, finalists, folds = planned.trials, planned.rungs, planned.finalists, planned.folds
+        timeout = min(timeout or planned.search_seconds, planned.search_seconds)
+    elif sampler != "grid" and n_trials is None and timeout is None:
+        n_trials = DEFAULT_TPE_TRIALS
     tracking.check_server()
     with lock():  # one study, one parent run: the first worker creates them, the others attach
         study = optuna.create_study(
             study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
             direction="minimize" if base.monitor == "valid_loss" else "maximize",
             sampler=make_sampler(sampler, space, base.seed),
-            pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs))
+            pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs, eta))
         check_same_space(study, space)
         parent = study.user_attrs.get(PARENT_ATTR)
         resume = parent if parent and run_exists(parent) else None
@@ -98,10 +110,10 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         if not resume:
             study.set_user_attr(PARENT_ATTR, active.info.run_id)
             tracking.log_new_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
-                                     "storage": storage,
+                                     "storage": storage, **({"rungs": rungs, "eta": eta} if halving else {}),
                                      **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
     with active:
-        mlflow.set_tags(tracking.process_tags())
+        mlflow.set_tags(tracking.process_tags() | ({"smids_ml.plan": planned.line()} if planned else {}))
         if sampler == "grid":
             if run_grid(study, search, lock, min(2.0, heartbeat), n_trials, timeout) == 0:
                 click.echo(f"study {study_name}: all {grid_size(space)} grid points already ran", err=True)
@@ -117,7 +129,11 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         with lock():
             log_study(study, base.monitor)
             if finalists:
-                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote)
+                if planned:
+                    finalists, folds = replan_finalists(study, final.choose(study, finalists), planned,
+                                                        final.part_ratio(dataset))
+                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote) if finalists \
+                    else promote_best(study, search, register_as, alias, promote) if register_as else None
             else:
                 version = promote_best(study, search, register_as, alias, promote) if register_as else None
     return study, version
@@ -165,7 +181,15 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
 @click.option("--n-trials", type=int, default=None,
               help=f"Trials to run (0 or unset: the whole grid, or {DEFAULT_TPE_TRIALS} for tpe/random).")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds (0: none).")
-@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--pruner", type=click.Choice(["halving", "median", "hyperband", "none"]), default="halving",
+              show_default=True,
+              help="halving: successive halving over --rungs of complete, compressed schedules (epochs/eta², "
+                   "epochs/eta, epochs), the best 1/eta of each rung promoted; median, hyperband: stop a training "
+                   "at an early epoch; none.")
+@click.option("--rungs", type=click.IntRange(min=1), default=DEFAULT_RUNGS, show_default=True,
+              help="Rungs of --pruner halving; the last trains the recipe's full --epochs.")
+@click.option("--eta", type=click.IntRange(min=2), default=DEFAULT_ETA, show_default=True,
+              help="Reduction factor of --pruner halving: each rung is eta times longer and keeps 1/eta of the trials.")
 @click.option("--pruner-startup-trials", type=click.IntRange(min=0), default=5, show_default=True,
               help="Trials that complete before the median pruner starts pruning.")
 @click.option("--pruner-warmup-epochs", type=click.IntRange(min=0), default=3, show_default=True,
@@ -194,17 +218,22 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
 @click.option("--refit", type=click.Choice(["model", "ensemble"]), default="model", show_default=True,
               help="What the winning finalist registers: model, trained again on the whole training part (no "
                    "carve-out, full schedule); ensemble, its fold models as one averaging model (no more training).")
+@click.option("--budget", type=click.FloatRange(min=0), default=DEFAULT_BUDGET_MINUTES, show_default=True,
+              help="Minutes for the whole study on this machine (tpe, random): plans the trials, rungs, finalists and "
+                   "folds that fit it from a measured training step, and stops starting trials when the search's "
+                   "share is spent; --n-trials and --finalists/--folds are then maxima (0: no plan).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @config_options(TUNE_DEFAULTS)
 @stops_cleanly("the running trial is marked FAIL and its run FAILED; run the same command again to resume")
-def main(sampler, space, n_trials, timeout, pruner, pruner_startup_trials, pruner_warmup_epochs, study_name,
-         storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, experiment, **options):
+def main(sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_trials, pruner_warmup_epochs, study_name,
+         storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, budget, experiment,
+         **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
     base = config_from_options(options, TUNE_DEFAULTS)
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
                           pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat,
-                          finalists, folds, refit)
+                          finalists, folds, refit, rungs, eta, budget or None)
     best = best_trial(study)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     click.echo(f"study {study.study_name}: {len(study.trials)} trials {states}")

@@ -1,0 +1,145 @@
+"""A tuning budget in minutes: how many trials, rungs, finalists and folds fit, on this machine.
+
+The cost of one full-length model is measured, not guessed: a few real training steps of the base recipe on
+the study's data (augmentation included) give seconds per image, times the images and epochs of a trial. A
+trial under successive halving costs `rungs * model / eta**(rungs - 1)` on average (each rung's 1/eta of the
+trials trains eta times longer), the finalists `(finalists + 1) * folds` models on (folds-1)/folds of the
+training part, the refit one model on all of it. The plan keeps at most half the budget for the finalists and
+the refit; when the search ends, they are planned again from what its full-length trials really took.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import click
+import mlflow
+import optuna
+import torch
+
+from smids_ml import SmidsError
+from smids_ml.config import TrainConfig
+from smids_ml.data import Dataset, load_tensors, make_batches
+from smids_ml.engine import make_optimizer, resolve_device, resolve_precision, train_one_epoch
+from smids_ml.models import build_for
+from smids_ml.studies import RUN_ID_ATTR
+
+DEFAULT_BUDGET_MINUTES = 240  # an afternoon
+MAX_PLANNED_TRIALS = 200  # on a tiny data set a budget would allow thousands
+CALIBRATION_STEPS = 3
+VALIDATION_SHARE = 1 / 3  # a validation image (forward only) costs about a third of a training step
+
+
+def seconds_per_image(cfg: TrainConfig, dataset: Dataset) -> float:
+    """Seconds of one training step per image of `cfg` here: a warm-up step, then CALIBRATION_STEPS timed ones."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
+    network = build_for(cfg, len(dataset.classes), False).to(device, memory_format=torch.channels_last)
+    batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
+                           cfg.rotation, cfg.scale_shift)["train"]
+    optimizer = make_optimizer(network, cfg)
+    precision = resolve_precision(cfg.precision, device, cfg.model)
+    criterion = torch.nn.CrossEntropyLoss()
+    with torch.random.fork_rng():  # calibrating does not change what a seeded trial draws
+        steps = list(itertools.islice(itertools.cycle(list(itertools.islice(iter(batches), CALIBRATION_STEPS))),
+                                      CALIBRATION_STEPS + 1))
+        train_one_epoch(network, steps[:1], optimizer, criterion, device, precision)
+        start = time.perf_counter()
+        train_one_epoch(network, steps[1:], optimizer, criterion, device, precision)
+    return (time.perf_counter() - start) / sum(len(targets) for _, targets in steps[1:])
+
+
+def model_seconds(per_image: float, epochs: int, train: int, valid: int) -> float:
+    return per_image * epochs * (train + VALIDATION_SHARE * valid)
+
+
+def trial_cost(model: float, rungs: int, eta: int) -> float:
+    """A trial's expected cost under successive halving: every rung costs the same in all."""
+    return rungs * model / eta ** (rungs - 1)
+
+
+def finalists_cost(model_on_part: float, finalists: int, folds: int) -> float:
+    """Cross-validating the finalists (and the defaults trial) and refitting the winner."""
+    return (finalists + 1) * folds * model_on_part * (folds - 1) / folds + model_on_part
+
+
+def finalist_options(finalists: int, folds: int) -> list[tuple[int, int]]:
+    """(finalists, folds) from the most to the least thorough: fewer folds first, then fewer finalists."""
+    return sorted({(f, k) for f in range(finalists, 0, -1) for k in {folds, min(folds, 3)}}, key=lambda o: (-o[0], -o[1]))
+
+
+@dataclass
+class Plan:
+    minutes: float
+    model_minutes: float  # one full-length trial here
+    rungs: int
+    trials: int
+    finalists: int
+    folds: int
+    search_seconds: float
+    deadline: float  # time.monotonic() at which the budget is spent
+
+    def line(self) -> str:
+        return (f"budget {self.minutes:g} min: one full-length model ~{self.model_minutes:.1f} min here; up to "
+                f"{self.trials} trials over {self.rungs} rung(s) in {self.search_seconds / 60:.0f} min, then "
+                f"{self.finalists} finalist(s) (and the defaults) over {self.folds} folds and the refit")
+
+    def minutes_left(self) -> float:
+        return max(0.0, (self.deadline - time.monotonic()) / 60)
+
+
+def plan(minutes: float, cfg: TrainConfig, dataset: Dataset, rungs: int, eta: int, finalists: int, folds: int,
+         max_trials: int | None) -> Plan:
+    """The plan for `cfg` on `dataset` here, from a measured training step (`plan_for`)."""
+    started = time.monotonic()
+    per_image = seconds_per_image(cfg, dataset)
+    train, valid = len(dataset.part("train")), len(dataset.part("valid"))
+    return plan_for(minutes, model_seconds(per_image, cfg.epochs, train, valid),
+                    model_seconds(per_image, cfg.epochs, train + valid, 0), rungs, eta, finalists, folds, max_trials,
+                    started)
+
+
+def plan_for(minutes: float, model: float, on_part: float, rungs: int, eta: int, finalists: int, folds: int,
+             max_trials: int | None, started: float) -> Plan:
+    """The trials, rungs, finalists and folds that fit `minutes`, given the seconds of one full-length model on a
+    trial's split (`model`) and on the whole training part (`on_part`); SmidsError naming the least budget if none.
+    """
+    total = minutes * 60
+    options = finalist_options(finalists, folds) if finalists else [(0, folds)]
+    reserve = {o: finalists_cost(on_part, *o) if o[0] else 0.0 for o in options}
+    chosen = next((o for o in options if reserve[o] <= total / 2), options[-1])
+    search = total - reserve[chosen]
+    for r in range(rungs, 0, -1):  # the most rungs that still let a trial reach the top by rank
+        trials = math.floor(search / trial_cost(model, r, eta))
+        if trials >= eta ** (r - 1):
+            break
+    if trials < 1:
+        least = (reserve[chosen] + model) / 60
+        raise SmidsError(f"--budget {minutes:g} min cannot hold a search here: one full-length model takes "
+                         f"~{model / 60:.1f} min; give at least {math.ceil(least)} min, or fewer --epochs")
+    trials = min(trials, max_trials or MAX_PLANNED_TRIALS, MAX_PLANNED_TRIALS)
+    return Plan(minutes, model / 60, r, trials, *chosen, search, started + total)
+
+
+def replan_finalists(study: optuna.Study, chosen: list, budget: Plan, folds_ratio: float) -> tuple[int, int]:
+    """(finalists, folds) that fit the budget left, from what the chosen trials' full-length runs took."""
+    if not chosen:
+        return budget.finalists, budget.folds  # nothing completed: `finalize` says so
+    client = mlflow.MlflowClient()
+    seconds = []
+    for trial in chosen:
+        info = client.get_run(trial.user_attrs[RUN_ID_ATTR]).info
+        seconds.append(((info.end_time or info.start_time) - info.start_time) / 1000)
+    on_part = max(seconds) * folds_ratio
+    left = budget.minutes_left() * 60
+    for option in finalist_options(budget.finalists, budget.folds):
+        if finalists_cost(on_part, *option) <= left:
+            return option
+    click.echo(f"budget: {left / 60:.0f} min left, too little for any finalist (~{on_part / 60:.1f} min a model); "
+               "registering the best trial's own weights", err=True)
+    return 0, budget.folds

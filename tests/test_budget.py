@@ -1,0 +1,76 @@
+"""`tune --budget MINUTES`: the plan of trials, rungs, finalists and folds, from a measured training step."""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from smids_ml import SmidsError
+from smids_ml import finalists as final
+from smids_ml.budget import Plan, finalist_options, plan, plan_for, replan_finalists
+from smids_ml.config import TrainConfig
+from smids_ml.studies import open_storage
+from smids_ml.train import prepare_data
+from tests.helpers import assert_one_line_error, invoke
+from tests.test_tune import space_file, tune
+
+
+def test_finalist_options_drop_folds_before_finalists():
+    assert finalist_options(3, 5) == [(3, 5), (3, 3), (2, 5), (2, 3), (1, 5), (1, 3)]
+    assert finalist_options(1, 2) == [(1, 2)]
+
+
+def test_the_plan_keeps_half_the_budget_for_the_finalists_and_fills_the_rest_with_trials():
+    # one full-length model: 60 s on a trial's split, 72 s on the training part
+    roomy = plan_for(600, 60, 72, rungs=3, eta=3, finalists=3, folds=5, max_trials=None, started=0)
+    assert (roomy.finalists, roomy.folds) == (3, 5)  # 4 * 5 * 57.6 s + 72 s = 20.4 min, under half of 600
+    assert roomy.rungs == 3 and roomy.trials == 200  # (600 - 20.4) min at 20 s a trial: capped at 200
+    tight = plan_for(10, 60, 72, rungs=3, eta=3, finalists=3, folds=5, max_trials=None, started=0)
+    assert (tight.finalists, tight.folds) == (1, 3)  # the least thorough: 2 * 3 * 48 s + 72 s = 6 min
+    assert tight.rungs == 3 and tight.trials == 12  # 4 min at 20 s a trial
+    few = plan_for(10, 60, 72, rungs=3, eta=3, finalists=3, folds=5, max_trials=5, started=0)
+    assert few.trials == 5
+    short = plan_for(7.5, 60, 72, rungs=3, eta=3, finalists=1, folds=3, max_trials=None, started=0)
+    assert (short.rungs, short.trials) == (1, 1)  # 90 s of search: too few trials for two or three rungs
+    with pytest.raises(SmidsError, match="give at least 7 min"):
+        plan_for(6.5, 60, 72, rungs=3, eta=3, finalists=1, folds=3, max_trials=None, started=0)
+
+
+def test_the_plan_measures_this_machine(synth_data):
+    cfg = TrainConfig(data=str(synth_data), image_size=32, batch=16, epochs=9, valid_frac=0.15, num_threads=1,
+                      model="improved_cnn").validate()
+    dataset = prepare_data(cfg)
+    measured = plan(60, cfg, dataset, rungs=3, eta=3, finalists=2, folds=3, max_trials=7)
+    assert 0 < measured.model_minutes < 5 and measured.trials == 7 and (measured.finalists, measured.folds) == (2, 3)
+    assert 59 < measured.minutes_left() <= 60
+
+
+def test_a_budget_plans_the_study_and_a_too_small_one_is_refused(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "budget", "fixed: {model: improved_cnn}\n"
+                                           "params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n")
+    storage = tmp_path / "optuna.journal"
+    args = ["--sampler", "tpe", "--space", space, "--epochs", "3", "--study-name", "budget", "--register-as", "budget",
+            "--finalists", "1", "--folds", "2"]
+    result = tune(tracking, synth_data, storage, *args, "--budget", "30", "--n-trials", "3")
+    assert "budget 30 min: one full-length model" in result.output and "up to 3 trials over 2 rung(s)" in result.output
+    assert "min of the budget left" in result.output
+    study = optuna.load_study(study_name="budget", storage=open_storage(str(storage)))
+    assert len(study.trials) == 3
+    parent = mlflow.search_runs(experiment_names=[tracking], filter_string="attributes.run_name = 'study-budget'",
+                                output_format="list")[0]
+    assert parent.data.tags["smids_ml.plan"].startswith("budget 30 min")
+    assert MlflowClient().get_model_version_by_alias("budget", "champion").tags["score"] == "cv_test_f1_macro_mean"
+    # at the end, the finalists are planned again from what the full-length trials took: none fit in no time
+    chosen = final.choose(study, 1)
+    spent = Plan(30, 0.1, 2, 3, 1, 2, 60, deadline=time.monotonic())
+    assert replan_finalists(study, chosen, spent, 1.2) == (0, 2)
+    assert replan_finalists(study, chosen, Plan(30, 0.1, 2, 3, 1, 2, 60, time.monotonic() + 600), 1.2) == (1, 2)
+    refused = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage),
+                      "--image-size", "32", "--num-threads", "1", "--sampler", "tpe", "--space", space,
+                      "--study-name", "small", "--budget", "0.001"])
+    assert_one_line_error(refused, "--budget 0.001 min cannot hold a search here", "give at least")
+    assert "small" not in optuna.get_all_study_names(open_storage(str(storage)))
