@@ -97,6 +97,9 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         check_same_space(study, space)
         parent = study.user_attrs.get(PARENT_ATTR)
         resume = parent if parent and run_exists(parent) else None
+        if parent and not resume and study.trials:
+            raise SmidsError(f"study {study_name} in {storage} was tracked by run {parent}, which the tracking store "
+                             f"{mlflow.get_tracking_uri()} does not have: use the store it ran with, or a new --study-name")
         home = MlflowClient().get_run(resume).info.experiment_id if resume else None
         chosen = mlflow.get_experiment_by_name(experiment) if experiment else None
         if home is not None and experiment and not os.environ.get("MLFLOW_RUN_ID") \

@@ -62,14 +62,15 @@ def make_colour_dataset(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-def mlflow_run(entry: str, experiment: str, params: dict, cwd: Path) -> subprocess.CompletedProcess:
+def mlflow_run(entry: str, experiment: str, params: dict, cwd: Path, env_manager: str = "local",
+               extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`mlflow run <repo> -e ENTRY --env-manager local` with `-P` params; asserts it succeeded.
 
     set_experiment in this process exports MLFLOW_EXPERIMENT_ID, which `mlflow run` would reject
     beside --experiment-name, so the child does not inherit it.
     """
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name",
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"} | (extra_env or {})
+    done = subprocess.run(["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", env_manager, "--experiment-name",
                            experiment, *[f"-P{k}={v}" for k, v in params.items()]],
                           capture_output=True, text=True, cwd=cwd, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,7 +20,7 @@ from optuna.trial import TrialState
 
 from smids_ml.serving import load_classifier
 from smids_ml.studies import open_storage
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 from tests.helpers import assert_one_line_error, invoke, make_colour_dataset, mlflow_run
 
 # --finalists 0: the best trial's own weights are registered (the finalists' cross-validation has its own tests)
@@ -170,6 +173,29 @@ def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path,
     assert MlflowClient().get_model_version_by_alias("pg-best", "champion").version == "1"
 
 
+def test_mlflow_run_tune_builds_its_environment_with_uv(tracking, synth_data, tmp_path):
+    """`--env-manager uv`: MLflow builds a virtualenv from conda.yaml's pip list with uv, set up like pip by
+    scripts/uv-env.sh (the same index, find-links and constraints), and runs the study in it."""
+    exports = subprocess.run(["sh", str(ROOT / "scripts" / "uv-env.sh")], capture_output=True, text=True, check=True,
+                             env=os.environ | {"PIP": f"{sys.executable} -m pip"}).stdout
+    uv_env = dict(re.findall(r"^export (\w+)='?(.*?)'?$", exports, re.M))
+    assert uv_env["UV_PYTHON_DOWNLOADS"] == "never"
+    space = space_file(tmp_path, "uv", "params:\n  lr: [0.001]\n")
+    params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
+              "space": space, "study_name": "uv", "register_as": "uv-best", "finalists": 0,
+              "storage": tmp_path / "optuna.journal"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uv beside this interpreter
+    envs = tmp_path / "envs"  # a new environment, not one an earlier run left (uv's own cache makes it quick)
+    done = mlflow_run("tune", tracking, params, tmp_path, env_manager="uv",
+                      extra_env=uv_env | {"PATH": path, "MLFLOW_ENV_ROOT": str(envs)})
+    assert re.search(rf"Running command 'source {envs}/mlflow-\w+/bin/activate && python -m smids_ml\.tune",
+                     done.stderr), done.stderr[-2000:]
+    runs = mlflow.search_runs(experiment_names=[tracking])
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent["tags.mlflow.project.env"] == "uv" and len(children(parent["run_id"])) == 1
+    assert MlflowClient().get_model_version_by_alias("uv-best", "champion").version == "1"
+
+
 def test_default_study_storage_sits_beside_a_sqlite_tracking_store(synth_data, tmp_path, monkeypatch):
     store = tmp_path / "tracking"
     store.mkdir()
@@ -246,6 +272,12 @@ def test_a_study_stays_in_its_experiment(tracking, synth_data, tmp_path):
                      "--sampler", "grid", *FLAGS, *common])
     assert_one_line_error(result, "study home is tracked in experiment", f"--experiment '{tracking}'")
     assert mlflow.get_experiment_by_name(f"{tracking}-other") is None
+    # a study whose runs this tracking store does not have (another store's, or deleted): said, nothing added
+    MlflowClient().delete_run(load(storage, "home").user_attrs["mlflow_parent_run_id"])
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage),
+                     "--sampler", "grid", *FLAGS, *common])
+    assert_one_line_error(result, "study home in", "does not have", "a new --study-name")
+    assert len(load(storage, "home").trials) == 1
 
 
 def test_tune_refuses_to_run_without_a_validation_split(tracking, synth_data, tmp_path):
