@@ -113,6 +113,24 @@ def test_three_workers_share_one_grid_study(team, synth_data, tmp_path, postgres
     check_study(study, "shared")
 
 
+def test_two_workers_share_the_rungs_of_one_study(team, synth_data, tmp_path, postgres_url):
+    """Successive halving across workers: each point's first rung runs once, every rung-0 score is in the shared
+    storage where the other worker's promotions read it, and exactly the promoted trials train the next rung."""
+    results = finish([worker(team, synth_data, tmp_path, postgres_url, "rungs", 3, "--pruner=halving",
+                             "--monitor=valid_loss") for _ in range(2)])
+    assert [code for code, _ in results] == [0, 0], results
+    study = optuna.load_study(study_name="rungs", storage=postgres_url)
+    assert sorted(t.params["lr"] for t in study.trials) == GRID
+    assert all("completed_rung_0" in t.system_attrs for t in study.trials)
+    assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    _, children = one_parent_and_its_children("rungs")
+    rungs = collections.Counter((r.data.tags["optuna.trial"], r.data.tags["smids_ml.rung"]) for r in children)
+    assert set(rungs.values()) == {1}
+    promoted = {r.data.tags["optuna.trial"] for r in children if r.data.tags["optuna.state"] == "PROMOTED"}
+    assert promoted == {trial for trial, rung in rungs if rung == "1"}
+    assert promoted == {str(t.number) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+
+
 def test_two_workers_score_the_finalists_and_refit_once(team, synth_data, tmp_path, postgres_url):
     results = finish([worker(team, synth_data, tmp_path, postgres_url, "final", 1, "--finalists=2", "--folds=2")
                       for _ in range(2)])
