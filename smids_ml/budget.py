@@ -39,13 +39,12 @@ def seconds_per_image(cfg: TrainConfig, dataset: Dataset) -> float:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
-    network = build_for(cfg, len(dataset.classes), False).to(device, memory_format=torch.channels_last)
-    batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
-                           cfg.rotation, cfg.scale_shift)["train"]
-    optimizer = make_optimizer(network, cfg)
     precision = resolve_precision(cfg.precision, device, cfg.model)
-    criterion = torch.nn.CrossEntropyLoss()
     with torch.random.fork_rng():  # calibrating does not change what a seeded trial draws
+        network = build_for(cfg, len(dataset.classes), False).to(device, memory_format=torch.channels_last)
+        batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
+                               cfg.rotation, cfg.scale_shift)["train"]
+        optimizer, criterion = make_optimizer(network, cfg), torch.nn.CrossEntropyLoss()
         steps = list(itertools.islice(itertools.cycle(list(itertools.islice(iter(batches), CALIBRATION_STEPS))),
                                       CALIBRATION_STEPS + 1))
         train_one_epoch(network, steps[:1], optimizer, criterion, device, precision)
