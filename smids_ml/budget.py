@@ -1,7 +1,8 @@
 """A tuning budget in minutes: how many trials, rungs, finalists and folds fit, on this machine.
 
 The cost of one full-length model is measured, not guessed: a few real training steps of the base recipe on
-the study's data (augmentation included) give seconds per image, times the images and epochs of a trial. A
+the study's data (augmentation included), and its validation of the same batches, give seconds per image, times
+the images and epochs of a trial. A
 trial under successive halving costs `rungs * model / eta**(rungs - 1)` on average (each rung's 1/eta of the
 trials trains eta times longer), the finalists `(finalists + 1) * folds` models on (folds-1)/folds of the
 training part, the refit one model on all of it. The plan keeps at most half the budget for the finalists and
@@ -23,18 +24,18 @@ import torch
 from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, load_tensors, make_batches
-from smids_ml.engine import make_optimizer, resolve_device, resolve_precision, train_one_epoch
+from smids_ml.engine import make_optimizer, predict_proba, resolve_device, resolve_precision, train_one_epoch
 from smids_ml.models import build_for
 from smids_ml.studies import RUN_ID_ATTR
 
 DEFAULT_BUDGET_MINUTES = 240  # an afternoon
 MAX_PLANNED_TRIALS = 200  # on a tiny data set a budget would allow thousands
 CALIBRATION_STEPS = 3
-VALIDATION_SHARE = 1 / 3  # a validation image (forward only) costs about a third of a training step
 
 
-def seconds_per_image(cfg: TrainConfig, dataset: Dataset) -> float:
-    """Seconds of one training step per image of `cfg` here: a warm-up step, then CALIBRATION_STEPS timed ones."""
+def seconds_per_image(cfg: TrainConfig, dataset: Dataset) -> tuple[float, float]:
+    """Seconds per image of a training step of `cfg` here (a warm-up step, then CALIBRATION_STEPS timed ones) and
+    of its validation (the same network in eval mode, warmed up too: with --tta d4 that is eight views an image)."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -50,11 +51,17 @@ def seconds_per_image(cfg: TrainConfig, dataset: Dataset) -> float:
         train_one_epoch(network, steps[:1], optimizer, criterion, device, precision)
         start = time.perf_counter()
         train_one_epoch(network, steps[1:], optimizer, criterion, device, precision)
-    return (time.perf_counter() - start) / sum(len(targets) for _, targets in steps[1:])
+        predict_proba(network, steps[:1], device, precision)  # eval mode warms up on its own
+        trained = time.perf_counter()
+        predict_proba(network, steps[1:], device, precision)
+        validated = time.perf_counter()
+    images_timed = sum(len(targets) for _, targets in steps[1:])
+    return (trained - start) / images_timed, (validated - trained) / images_timed
 
 
-def model_seconds(per_image: float, epochs: int, train: int, valid: int) -> float:
-    return per_image * epochs * (train + VALIDATION_SHARE * valid)
+def model_seconds(per_image: tuple[float, float], epochs: int, train: int, valid: int) -> float:
+    """One training of `epochs` on `train` images, validating `valid` images every epoch."""
+    return epochs * (per_image[0] * train + per_image[1] * valid)
 
 
 def trial_cost(model: float, rungs: int, eta: int) -> float:
