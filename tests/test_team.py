@@ -7,6 +7,7 @@ backend, proxied artifacts), started with `smids-ml server` on loopback.
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.server
 import json
 import os
@@ -129,6 +130,11 @@ def test_two_workers_share_the_rungs_of_one_study(team, synth_data, tmp_path, po
     promoted = {r.data.tags["optuna.trial"] for r in children if r.data.tags["optuna.state"] == "PROMOTED"}
     assert promoted == {trial for trial, rung in rungs if rung == "1"}
     assert promoted == {str(t.number) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    with dashboard(postgres_url) as get:  # each trial's rungs are its intermediate values, at steps eta**rung
+        [summary] = get("/api/studies")["study_summaries"]
+        trials = get(f"/api/studies/{summary['study_id']}")["trials"]
+    steps = {str(t["number"]): sorted(v["step"] for v in t["intermediate_values"]) for t in trials}
+    assert steps == {str(t.number): ([1, 3] if str(t.number) in promoted else [1]) for t in study.trials}
 
 
 def test_two_workers_score_the_finalists_and_refit_once(team, synth_data, tmp_path, postgres_url):
@@ -232,15 +238,25 @@ def test_a_tracking_server_that_answered_is_not_asked_again():
     assert asked == ["/health"]
 
 
-def test_optuna_dashboard_shows_the_shared_study(postgres_url):
-    optuna.create_study(study_name="watched", storage=postgres_url).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+@contextlib.contextmanager
+def dashboard(storage: str):
+    """A real optuna-dashboard on loopback; yields a function that GETs its JSON API."""
     port = free_port()
-    process = subprocess.Popen([str(BIN / "optuna-dashboard"), postgres_url, "--host", "127.0.0.1", "--port", str(port)],
+    process = subprocess.Popen([str(BIN / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def get(path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return json.load(response)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/studies", process, timeout=60)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as response:
-            studies = json.load(response)["study_summaries"]
+        yield get
     finally:
         stop(process)
+
+
+def test_optuna_dashboard_shows_the_shared_study(postgres_url):
+    optuna.create_study(study_name="watched", storage=postgres_url).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+    with dashboard(postgres_url) as get:
+        studies = get("/api/studies")["study_summaries"]
     assert [s["study_name"] for s in studies] == ["watched"]
