@@ -1,8 +1,8 @@
 """A tuning budget in minutes: how many trials, rungs, finalists and folds fit, on this machine.
 
-The cost of one full-length model is measured, not guessed: a few real training steps of the base recipe on
-the study's data (augmentation included), and its validation of the same batches, give seconds per image, times
-the images and epochs of a trial. A
+The cost of one full-length model is measured, not guessed: one real training epoch of the base recipe on the
+study's data (augmentation included), and its validation, give seconds per image, times the images and epochs
+of a trial. A
 trial under successive halving costs `rungs * model / eta**(rungs - 1)` on average (each rung's 1/eta of the
 trials trains eta times longer), the finalists `(finalists + 1) * folds` models on (folds-1)/folds of the
 training part, the refit one model on all of it. The plan keeps at most half the budget for the finalists and
@@ -30,14 +30,13 @@ from smids_ml.studies import RUN_ID_ATTR
 
 DEFAULT_BUDGET_MINUTES = 240  # an afternoon
 MAX_PLANNED_TRIALS = 200  # on a tiny data set a budget would allow thousands
-CALIBRATION_STEPS = 3
-CALIBRATION_REPEATS = 3
 
 
 def seconds_per_image(cfg: TrainConfig, dataset: Dataset) -> tuple[float, float]:
-    """Seconds per image of a training step of `cfg` here (a warm-up step, then the fastest of CALIBRATION_REPEATS
-    runs of CALIBRATION_STEPS timed ones) and of its validation (the same network in eval mode, warmed up too: with
-    --tta d4 that is eight views an image)."""
+    """Seconds per image of training `cfg` here and of its validation (the same network in eval mode: with
+    --tta d4 that is eight views an image), timed over one whole epoch of the study's own batches after a warm-up
+    step: three steps timed alone once said 21 minutes for a model that took 3.5 (a machine just set up), and
+    an epoch is under 2% of a trial."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -46,21 +45,18 @@ def seconds_per_image(cfg: TrainConfig, dataset: Dataset) -> tuple[float, float]
     with torch.random.fork_rng():  # calibrating does not change what a seeded trial draws
         network = build_for(cfg, len(dataset.classes), False).to(device, memory_format=torch.channels_last)
         batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
-                               cfg.rotation, cfg.scale_shift)["train"]
+                               cfg.rotation, cfg.scale_shift)
         optimizer, criterion = make_optimizer(network, cfg), torch.nn.CrossEntropyLoss()
-        steps = list(itertools.islice(itertools.cycle(list(itertools.islice(iter(batches), CALIBRATION_STEPS))),
-                                      CALIBRATION_STEPS + 1))
-        train_one_epoch(network, steps[:1], optimizer, criterion, device, precision)
-        predict_proba(network, steps[:1], device, precision)  # eval mode warms up on its own
-        train_s, valid_s = math.inf, math.inf
-        for _ in range(CALIBRATION_REPEATS):  # the fastest repeat: a busy neighbour only ever slows one down
-            start = time.perf_counter()
-            train_one_epoch(network, steps[1:], optimizer, criterion, device, precision)
-            trained = time.perf_counter()
-            predict_proba(network, steps[1:], device, precision)
-            train_s, valid_s = min(train_s, trained - start), min(valid_s, time.perf_counter() - trained)
-    images_timed = sum(len(targets) for _, targets in steps[1:])
-    return train_s / images_timed, valid_s / images_timed
+        first = list(itertools.islice(iter(batches["train"]), 1))
+        train_one_epoch(network, first, optimizer, criterion, device, precision)
+        predict_proba(network, first, device, precision)  # eval mode warms up on its own
+        start = time.perf_counter()
+        train_one_epoch(network, batches["train"], optimizer, criterion, device, precision)
+        trained = time.perf_counter()
+        predict_proba(network, batches["valid"], device, precision)
+        validated = time.perf_counter()
+    train, valid = len(dataset.part("train")), len(dataset.part("valid"))
+    return (trained - start) / max(train, 1), (validated - trained) / valid if valid else 0.0
 
 
 def model_seconds(per_image: tuple[float, float], epochs: int, train: int, valid: int) -> float:
@@ -105,7 +101,7 @@ class Plan:
 
 def plan(minutes: float, cfg: TrainConfig, dataset: Dataset, rungs: int, eta: int, finalists: int, folds: int,
          max_trials: int | None) -> Plan:
-    """The plan for `cfg` on `dataset` here, from a measured training step (`plan_for`)."""
+    """The plan for `cfg` on `dataset` here, from a measured training epoch (`plan_for`)."""
     started = time.monotonic()
     per_image = seconds_per_image(cfg, dataset)
     train, valid = len(dataset.part("train")), len(dataset.part("valid"))
@@ -136,10 +132,12 @@ def plan_for(minutes: float, model: float, on_part: float, rungs: int, eta: int,
     return Plan(minutes, model / 60, r, trials, *chosen, search, started + total)
 
 
-def replan_finalists(study: optuna.Study, chosen: list, budget: Plan, folds_ratio: float) -> tuple[int, int]:
-    """(finalists, folds) that fit the budget left, from what the chosen trials' full-length runs took."""
+def replan_finalists(study: optuna.Study, chosen: list, budget: Plan, folds_ratio: float) -> tuple[int, int, bool]:
+    """(finalists, folds, refit) that fit the budget left, from what the chosen trials' full-length runs took:
+    the most thorough cross-validation that fits; else none, but the best trial refit on the whole training part
+    when one model fits (more data than its own weights saw); else nothing more (refit False)."""
     if not chosen:
-        return budget.finalists, budget.folds  # nothing completed: `finalize` says so
+        return budget.finalists, budget.folds, True  # nothing completed: `finalize` says so
     client = mlflow.MlflowClient()
     seconds = []
     for trial in chosen:
@@ -149,7 +147,9 @@ def replan_finalists(study: optuna.Study, chosen: list, budget: Plan, folds_rati
     left = budget.minutes_left() * 60
     for option in finalist_options(budget.finalists, budget.folds):
         if finalists_cost(on_part, *option) <= left:
-            return option
-    click.echo(f"budget: {left / 60:.0f} min left, too little for any finalist (~{on_part / 60:.1f} min a model); "
-               "registering the best trial's own weights", err=True)
-    return 0, budget.folds
+            return (*option, True)
+    refit = seconds[0] * folds_ratio <= left  # chosen[0] is the best trial
+    click.echo(f"budget: {left / 60:.0f} min left, too little to cross-validate finalists (~{on_part / 60:.1f} min a "
+               "model); " + ("refitting the best trial on the whole training part" if refit
+                             else "registering the best trial's own weights"), err=True)
+    return 0, budget.folds, refit

@@ -99,7 +99,7 @@ def score(finalists: list[optuna.trial.FrozenTrial], search: Search, folds: int)
     return Outcome(table, winner, verdict, networks[winner.number])
 
 
-def refit(winner: optuna.trial.FrozenTrial, search: Search, outcome: Outcome, how: str) -> tuple[str, str]:
+def refit(winner: optuna.trial.FrozenTrial, search: Search, outcome: Outcome | None, how: str) -> tuple[str, str]:
     """The winner as a logged model in a nested run tagged with the trial it refits: trained again on the whole
     training part (`model`), or its fold models as one averaging model (`ensemble`); the study's test rows stay
     the run's test split, which no model saw. Returns (model URI, run id)."""

@@ -65,9 +65,9 @@ class Search:
             left = f", ~{self.plan.minutes_left():.0f} min of the budget left" if self.plan else ""
             click.echo(f"trial {trial.number}: rung {rung} ({epochs} of {cfg.epochs} epochs){left}", err=True)
             value = self.train(trial, cfg.replace(epochs=epochs), budget=budget, keep=last)
+            trial.report(value, step_of(rung, self.eta))  # the top rung's too: optuna-dashboard plots every rung
             if last:
                 return value
-            trial.report(value, step_of(rung, self.eta))
             run_id = trial.user_attrs[RUN_ID_ATTR]
             if trial.should_prune():
                 MlflowClient().set_tag(run_id, "optuna.state", "PRUNED")

@@ -131,12 +131,12 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             study.optimize(search.objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, gc_after_trial=True)
         with lock():
             log_study(study, base.monitor)
-            if finalists:
-                if planned:
-                    finalists, folds = replan_finalists(study, final.choose(study, finalists), planned,
-                                                        final.part_ratio(dataset))
-                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote) if finalists \
-                    else promote_best(study, search, register_as, alias, promote) if register_as else None
+            refits = bool(finalists)
+            if finalists and planned:
+                finalists, folds, refits = replan_finalists(study, final.choose(study, finalists), planned,
+                                                            final.part_ratio(dataset))
+            if refits and (finalists or refit == "model"):
+                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote)
             else:
                 version = promote_best(study, search, register_as, alias, promote) if register_as else None
     return study, version
@@ -146,7 +146,8 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
              alias: str | None, promote: bool):
     """Under the study lock, once no trial runs: cross-validate the finalists (once per number of completed
     trials, so a resumed study with more trials is scored again, and other workers do not repeat it), log
-    finalists.csv and the verdict on the parent run, refit the winner and register it as @challenger."""
+    finalists.csv and the verdict on the parent run, refit the winner and register it as @challenger. With
+    `count` 0 (a budget spent), the best trial by validation is refit without cross-validation."""
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     if running:
         click.echo(f"study {study.study_name}: {running} trial(s) still running; the worker that finishes last "
@@ -159,20 +160,26 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
     if study.user_attrs.get(final.SCORED_ATTR) == done:
         click.echo(f"study {study.study_name}: its finalists were already scored over these {done} trials", err=True)
         return None
-    outcome = final.score(final.choose(study, count), search, folds)
-    tracking.log_frame(outcome.table, "finalists.csv")
-    mlflow.set_tag("finalists.verdict", outcome.verdict)
-    final.echo(outcome)
+    monitor = search.base.monitor
+    if count:
+        outcome = final.score(final.choose(study, count), search, folds)
+        tracking.log_frame(outcome.table, "finalists.csv")
+        mlflow.set_tag("finalists.verdict", outcome.verdict)
+        final.echo(outcome)
+        winner, row = outcome.winner, outcome.table.iloc[0]
+        metric, _ = final.CV_METRIC[monitor]
+        score, evidence = f"cv_{metric}_mean", {f"cv_{metric}_mean": round(float(row["mean"]), 6),
+                                                f"cv_{metric}_std": round(float(row["std"]), 6), "folds": folds}
+    else:  # a budget with no time to cross-validate: the best trial by validation, refit on the whole training part
+        outcome, winner, refit = None, best_trial(study), "model"
+        score, evidence = f"best_{monitor}", {f"best_{monitor}": round(float(winner.value), 6)}
     version = None
     if register_as:
-        uri, run_id = final.refit(outcome.winner, search, outcome, refit)
-        metric, _ = final.CV_METRIC[search.base.monitor]
-        winner = outcome.table.iloc[0]
-        version = register_challenger(uri, register_as, alias, promote, score=f"cv_{metric}_mean", tags={
-            "study": study.study_name, "trial": outcome.winner.number, "run_id": run_id, "refit": refit,
-            final.REFIT_OF: outcome.winner.user_attrs.get(RUN_ID_ATTR, ""), "monitor": search.base.monitor,
-            "data_fingerprint": search.dataset.fingerprint(), f"cv_{metric}_mean": round(float(winner["mean"]), 6),
-            f"cv_{metric}_std": round(float(winner["std"]), 6), "folds": folds})
+        uri, run_id = final.refit(winner, search, outcome, refit)
+        version = register_challenger(uri, register_as, alias, promote, score=score, tags={
+            "study": study.study_name, "trial": winner.number, "run_id": run_id, "refit": refit,
+            final.REFIT_OF: winner.user_attrs.get(RUN_ID_ATTR, ""), "monitor": monitor,
+            "data_fingerprint": search.dataset.fingerprint(), **evidence})
     study.set_user_attr(final.SCORED_ATTR, done)
     return version
 
@@ -223,7 +230,7 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
                    "carve-out, full schedule); ensemble, its fold models as one averaging model (no more training).")
 @click.option("--budget", type=click.FloatRange(min=0), default=DEFAULT_BUDGET_MINUTES, show_default=True,
               help="Minutes for the whole study on this machine (tpe, random): plans the trials, rungs, finalists and "
-                   "folds that fit it from a measured training step, and stops starting trials when the search's "
+                   "folds that fit it from a measured training epoch, and stops starting trials when the search's "
                    "share is spent; --n-trials and --finalists/--folds are then maxima (0: no plan).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @config_options(TUNE_DEFAULTS)

@@ -1,4 +1,4 @@
-"""`tune --budget MINUTES`: the plan of trials, rungs, finalists and folds, from a measured training step."""
+"""`tune --budget MINUTES`: the plan of trials, rungs, finalists and folds, from a measured training epoch."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from smids_ml import SmidsError
 from smids_ml import finalists as final
 from smids_ml.budget import Plan, finalist_options, plan, plan_for, replan_finalists
 from smids_ml.config import TrainConfig
-from smids_ml.studies import open_storage
+from smids_ml.search import Search
+from smids_ml.spaces import load_space
+from smids_ml.studies import RUN_ID_ATTR, open_storage
 from smids_ml.train import prepare_data
+from smids_ml.tune import finalize
 from tests.helpers import assert_one_line_error, invoke
 from tests.test_tune import space_file, tune
 
@@ -49,6 +52,11 @@ def test_the_plan_measures_this_machine(synth_data):
     assert 59 < measured.minutes_left() <= 60
 
 
+def run_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    info = MlflowClient().get_run(trial.user_attrs[RUN_ID_ATTR]).info
+    return (info.end_time - info.start_time) / 1000
+
+
 def test_a_budget_plans_the_study_and_a_too_small_one_is_refused(tracking, synth_data, tmp_path):
     space = space_file(tmp_path, "budget", "fixed: {model: improved_cnn}\n"
                                            "params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n")
@@ -67,8 +75,22 @@ def test_a_budget_plans_the_study_and_a_too_small_one_is_refused(tracking, synth
     # at the end, the finalists are planned again from what the full-length trials took: none fit in no time
     chosen = final.choose(study, 1)
     spent = Plan(30, 0.1, 2, 3, 1, 2, 60, deadline=time.monotonic())
-    assert replan_finalists(study, chosen, spent, 1.2) == (0, 2)
-    assert replan_finalists(study, chosen, Plan(30, 0.1, 2, 3, 1, 2, 60, time.monotonic() + 600), 1.2) == (1, 2)
+    assert replan_finalists(study, chosen, spent, 1.2) == (0, 2, False)
+    assert replan_finalists(study, chosen, Plan(30, 0.1, 2, 3, 1, 2, 60, time.monotonic() + 600), 1.2) == (1, 2, True)
+    took = max(run_seconds(t) for t in chosen) * 1.2  # the cross-validation of 1 finalist over 2 folds costs 3 of these
+    assert replan_finalists(study, chosen, Plan(30, 0.1, 2, 3, 1, 2, 60, time.monotonic() + 2 * took), 1.2) \
+        == (0, 2, True)
+    # with time for one model but not for the finalists, the best trial is refit on the whole training part
+    base = TrainConfig(data=str(synth_data), epochs=3, image_size=32, batch=16, num_threads=1, patience=0,
+                       valid_frac=0.15)
+    search = Search(base, load_space(space), prepare_data(base), rungs=2, halving=True)
+    study.set_user_attr(final.SCORED_ATTR, None)  # as if the study's end had found no time for the finalists
+    version = finalize(study, search, 0, 2, "ensemble", "budget", "champion", False)
+    best = study.best_trial
+    refit = MlflowClient().get_run(version.tags["run_id"])
+    assert version.version == "2" and version.tags["score"] == "best_valid_f1" and version.tags["refit"] == "model"
+    assert version.tags[final.REFIT_OF] == best.user_attrs[RUN_ID_ATTR] and version.tags["trial"] == str(best.number)
+    assert refit.data.params["valid_frac"] == "0.0" and refit.data.params["lr"] == str(best.params["lr"])
     refused = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage),
                       "--image-size", "32", "--num-threads", "1", "--sampler", "tpe", "--space", space,
                       "--study-name", "small", "--budget", "0.001"])

@@ -79,7 +79,7 @@ def test_each_rung_trains_a_whole_compressed_schedule_in_its_own_child_run(track
         assert mine["tags.optuna.state"].iloc[-1] == {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED"}[trial.state]
         assert (trial.state == TrialState.COMPLETE) == (mine["rung"].iloc[-1] == 2)
         assert trial.user_attrs["mlflow_run_id"] == mine["run_id"].iloc[-1]  # the trial's run: its latest rung
-        assert sorted(trial.intermediate_values) == [3 ** r for r in range(len(mine) - (trial.state == TrialState.COMPLETE))]
+        assert sorted(trial.intermediate_values) == [3 ** r for r in range(len(mine))]  # every rung it trained
     # the promotion at rung 0, replayed in the order the scores arrived: the best 1/3 so far (at least the best)
     first = runs[runs["rung"] == 0].sort_values("start_time")
     seen = []
@@ -129,7 +129,7 @@ def test_a_study_killed_in_a_rung_resumes_at_that_rung(tracking, synth_data, tmp
     study = optuna.load_study(study_name="resume", storage=open_storage(str(storage)))
     failed, retry = study.trials
     assert failed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
-    assert retry.intermediate_values == {1: first_score}  # rung 0 carried, not trained again
+    assert retry.intermediate_values == {1: first_score, 3: retry.value}  # rung 0 carried, not trained again
     parent = mlflow.search_runs(experiment_names=[tracking], filter_string="attributes.run_name = 'study-resume'",
                                 output_format="list")[0]
     runs = rung_runs(parent.info.run_id)
