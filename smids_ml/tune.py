@@ -135,7 +135,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             if finalists and planned:
                 finalists, folds, refits = replan_finalists(study, final.choose(study, finalists), planned,
                                                             final.part_ratio(dataset))
-            if refits and (finalists or refit == "model"):
+            if refits:  # with no finalists the best trial is refit as one model (there are no fold models)
                 version = finalize(study, search, finalists, folds, refit, register_as, alias, promote)
             else:
                 version = promote_best(study, search, register_as, alias, promote) if register_as else None
