@@ -38,7 +38,8 @@ def training_flops(cfg: TrainConfig, num_classes: int, train_images: int) -> flo
     """FLOPs of a whole training run of `cfg` on `train_images` images (every epoch, at its size). The global
     random state is left as it was, so counting does not change what a seeded run draws."""
     with torch.random.fork_rng():
-        network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, width=cfg.width)
+        network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, width=cfg.width,
+                        stem=cfg.stem)
         sizes = epoch_sizes(cfg)
         per_size = {size: step_flops(network, cfg.channels, size) for size in set(sizes)}
     return sum(per_size[size] for size in sizes) * train_images

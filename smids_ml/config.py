@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Fields added after models were first logged, with the value that means "as before" for a stored config
 # without them (a default may change; what an old model was trained and evaluated with may not).
-ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_start": 0.0, "orientations": "random"}
+ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_start": 0.0, "orientations": "random", "stem": "conv"}
 
 
 def _opt(default, help, choices=None, tunable=True):
@@ -94,6 +94,9 @@ class TrainConfig:
     pretrained: bool = _opt(False, "Start from torchvision ImageNet weights (must already be in the torch cache).")
     width: int = _opt(32, "Channels of smids_resnet's first stage, doubled at each of its four stages "
                           "(32: 1.2 M parameters; compute grows with the square).")
+    stem: str = _opt("conv", "smids_resnet's stem: conv, a stride-2 3×3 convolution; pool adds a stride-2 max-pool after it, so "
+                             "every stage runs at a quarter of the positions (about a quarter of the compute at the same "
+                             "--image-size) while the stem still sees every input pixel.", ("conv", "pool"))
     dropout_rate: float = _opt(0.2, "Dropout before the classifier.")
     # optimisation
     epochs: int = _opt(200, "Number of epochs (the schedule spans them all).")

@@ -62,12 +62,17 @@ class BasicBlock(nn.Module):
 class SmidsResNet(nn.Module):
     """A compact ResNet for 64–128 px crops trained from scratch: a stride-2 stem, four one-block
     stages (`width` channels, doubling per stage), global average pooling. At width 32 about 1.2 M
-    parameters and about 3× resnet18's training speed on a CPU at 96 px; the last feature map is 6×6 there."""
+    parameters and about 3× resnet18's training speed on a CPU at 96 px; the last feature map is 6×6 there.
+    `stem="pool"` max-pools the stem's output (stride 2, as torchvision's ResNets do): every stage then
+    runs at a quarter of the positions, so a 96 px input costs what a 48 px one does, yet the stem still
+    sees every input pixel."""
 
-    def __init__(self, num_classes: int, channels: int, dropout: float, width: int = 32):
+    def __init__(self, num_classes: int, channels: int, dropout: float, width: int = 32, stem: str = "conv"):
         super().__init__()
         widths = [width * 2 ** stage for stage in range(4)]
         layers = [nn.Conv2d(channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        if stem == "pool":
+            layers.append(nn.MaxPool2d(3, 2, 1))
         for stage, out in enumerate(widths):
             layers.append(BasicBlock(width, out, stride=1 if stage == 0 else 2))
             width = out
@@ -137,14 +142,14 @@ def _replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
 
 
 def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35, image_size: int = 112,
-          pretrained: bool = False, width: int = 32) -> nn.Module:
+          pretrained: bool = False, width: int = 32, stem: str = "conv") -> nn.Module:
     """A fresh network for `num_classes` classes on `channels`-channel `image_size` inputs."""
     if name not in OWN and name not in TORCHVISION:
         raise SmidsError(f"unknown model {name!r}; choose one of {', '.join([*OWN, *TORCHVISION])}")
     if pretrained and name in OWN:
         raise SmidsError(f"--pretrained: no ImageNet weights exist for {name}; use one of {', '.join(TORCHVISION)}")
     if name == "smids_resnet":
-        return SmidsResNet(num_classes, channels, dropout, width)
+        return SmidsResNet(num_classes, channels, dropout, width, stem)
     if name in OWN:
         return StudyCNN(num_classes, channels, dropout, image_size, batch_norm=name == "improved_cnn")
     factory, weights = TORCHVISION[name]
@@ -163,7 +168,8 @@ def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35,
 def build_for(cfg, num_classes: int, pretrained: bool = False) -> nn.Module:
     """The network a TrainConfig describes, wrapped for test-time averaging with --tta d4; ImageNet weights
     only for a training run that asks for them (a trained model's weights replace them anyway)."""
-    network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, pretrained, cfg.width)
+    network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, pretrained, cfg.width,
+                    cfg.stem)
     return D4Average(network) if cfg.tta == "d4" else network
 
 

@@ -155,3 +155,14 @@ def test_preset_fast_is_64_px_for_150_epochs_with_test_time_averaging_and_the_re
     assert (fast.image_size, fast.epochs, fast.tta) == (64, 150, "d4")
     changed = {k for k, v in fast.to_dict().items() if v != default.to_dict()[k]}
     assert changed == {"preset", "image_size", "epochs", "tta"}
+
+
+def test_a_pooled_stem_runs_every_stage_at_a_quarter_of_the_positions_for_a_quarter_of_their_compute():
+    plain, pooled = (build_for(TrainConfig(image_size=64, width=8, stem=stem), 3).eval() for stem in ("conv", "pool"))
+    x = torch.randn(2, 3, 64, 64)
+    assert plain.features(x).shape[-1] == 4 and pooled.features(x).shape[-1] == 2
+    stem_flops = 2 * 32 * 32 * 8 * 27  # forward of the stem at half the side; the rest shrinks fourfold
+    plain_rest = step_flops(plain, 3, 64) - 2 * stem_flops  # stem: forward and weight gradient
+    assert step_flops(pooled, 3, 64) - 2 * stem_flops == pytest.approx(plain_rest / 4, rel=0.02)
+    stored = {k: v for k, v in TrainConfig(stem="pool").to_dict().items() if k != "stem"}
+    assert TrainConfig.from_dict(stored).stem == "conv"  # a model logged before the option stays as it was trained
