@@ -25,7 +25,6 @@ recipe that never saw it) are averaged, and scored per fold of the first recipe.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import machine, table
+from benchmarks.common import machine, recipe_config, table
 from smids_ml import SmidsError, tracking
 from smids_ml.config import PRESETS, TrainConfig
 from smids_ml.compute import training_flops
@@ -46,26 +45,6 @@ from smids_ml.train import prepare_data, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smids-dev"
 EXPERIMENT = "smids-ml-bench-accuracy"
-
-
-def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
-    """`preset+field=value+...`: the preset, its `+` overrides, then the command's own overrides."""
-    name, *pairs = recipe.split("+")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    own = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
-            raise SmidsError(f"recipe {recipe!r}: {pair!r} is not field=value of a TrainConfig field")
-        own[key] = value
-    cfg = TrainConfig.from_preset(name, data=str(data), **{**own, **overrides})
-    for key in own:  # text to the field's type: numbers by validate(), booleans as the CLI parses them
-        if isinstance(getattr(TrainConfig(), key), bool):
-            try:
-                setattr(cfg, key, click.BOOL.convert(own[key], None, None))
-            except click.BadParameter:
-                raise SmidsError(f"recipe {recipe!r}: {key} must be true or false, got {own[key]!r}") from None
-    return cfg.validate()
 
 
 HEADERS = ["recipe", "accuracy", "macro F1", "TFLOP/model", "min/fold"]

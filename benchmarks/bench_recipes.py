@@ -1,8 +1,9 @@
 """Compute per recipe: `python -m benchmarks.bench_recipes`.
 
-Trains the default recipe and `--preset fast` (64 px, 150 epochs, test-time averaging) on the same
-synthetic set in one run, through the code `smids-ml train` runs, and prints each one's counted training
-TFLOP (`smids_ml.compute`) and summed `epoch_seconds`, against the first preset as the baseline.
+Trains the default recipe and `--preset fast` (64 px, 150 epochs, test-time averaging), or the `--recipes`
+given (a preset with optional `+field=value` overrides, as in bench_accuracy), on the same synthetic set in
+one run, through the code `smids-ml train` runs, and prints each one's counted training TFLOP
+(`smids_ml.compute`) and summed `epoch_seconds`, against the first recipe as the baseline.
 Aim (issue 25): a recipe within 0.4 points of the defaults' accuracy in at most a fifth of their time.
 """
 
@@ -13,8 +14,7 @@ import tempfile
 import click
 import mlflow
 
-from benchmarks.common import machine, synthetic_set, table
-from smids_ml.config import TrainConfig
+from benchmarks.common import machine, recipe_config, synthetic_set, table
 from smids_ml.train import train
 
 TARGET = 0.2
@@ -22,23 +22,23 @@ TARGET = 0.2
 
 @click.command()
 @click.option("--images", type=click.IntRange(min=30), default=150, show_default=True, help="Synthetic crops.")
-@click.option("--recipes", default="default,fast", show_default=True, help="Presets to train; the first is the baseline.")
+@click.option("--recipes", default="default,fast", show_default=True, help="Recipes to train (preset+field=value...); the first is the baseline.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
 def main(images: int, recipes: str, num_threads: int) -> None:
     names = [r.strip() for r in recipes.split(",") if r.strip()]
-    print(f"bench_recipes: {images} synthetic crops, presets {', '.join(names)}; {machine()}", flush=True)
+    print(f"bench_recipes: {images} synthetic crops, recipes {', '.join(names)}; {machine()}", flush=True)
     data = synthetic_set(images)
     rows, seconds = [], {}
     with tempfile.TemporaryDirectory() as store:
         mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
         for name in names:
-            cfg = TrainConfig.from_preset(name, data=str(data), num_threads=num_threads).validate()
+            cfg = recipe_config(name, data, {"num_threads": num_threads})
             result = train(cfg, experiment="bench-recipes", run_name=name)
             run = mlflow.get_run(result.run_id)
             seconds[name] = sum(e["epoch_seconds"] for e in result.history.epochs)
             rows.append([name, cfg.epochs, f"{run.data.metrics['train_tflop']:.2f}", seconds[name],
                          f"{seconds[name] / seconds[names[0]]:.3f}"])
-    print(table(["preset", "epochs", "TFLOP", "epoch seconds (sum)", f"vs {names[0]}"], rows))
+    print(table(["recipe", "epochs", "TFLOP", "epoch seconds (sum)", f"vs {names[0]}"], rows))
     for name in names[1:]:
         share = seconds[name] / seconds[names[0]]
         print(f"aim: at most {TARGET:.0%} of {names[0]}'s training time: {name} takes {share:.1%} "
