@@ -2,7 +2,7 @@
 
 Judging a trial at epoch 3 of a 200-epoch one-cycle schedule favours what looks good early, not what ends best
 (Wu et al. 2018): every learning rate is at a different point of its decay. Here a trial at rung r instead trains
-a whole schedule over `epochs / eta**(rungs - 1 - r)` epochs (22, 67 and 200 of 200 with the defaults), each rung
+a whole schedule over `epochs / eta**(rungs - 1 - r)` epochs (17, 52 and 155 of the defaults' 155), each rung
 its own child run with its `budget` as a param, and only the best 1/eta of a rung's trials go on to the next.
 
 Promotion is Optuna's own asynchronous successive halving (`SuccessiveHalvingPruner`, ASHA): a trial reports

@@ -150,11 +150,19 @@ def test_a_depthwise_convolution_is_counted_by_its_groups():
     assert step_flops(network, 3, 8) == pointwise + depthwise + pointwise + 2 * depthwise
 
 
-def test_preset_fast_is_64_px_for_150_epochs_with_test_time_averaging_and_the_rest_of_the_defaults():
+def test_preset_fast_is_the_plain_stem_at_64_px_for_150_epochs_with_test_time_averaging():
     fast, default = TrainConfig.from_preset("fast"), TrainConfig()
     assert (fast.image_size, fast.epochs, fast.tta) == (64, 150, "d4")
     changed = {k for k, v in fast.to_dict().items() if v != default.to_dict()[k]}
-    assert changed == {"preset", "image_size", "epochs", "tta"}
+    assert changed == {"preset", "stem", "image_size", "epochs", "tta"} and fast.stem == "conv"
+
+
+def test_preset_long_is_the_previous_defaults_at_five_times_the_compute_of_todays():
+    long, default = TrainConfig.from_preset("long"), TrainConfig()
+    assert (long.stem, long.image_size, long.epochs, long.tta) == ("conv", 96, 200, "none")
+    changed = {k for k, v in long.to_dict().items() if v != default.to_dict()[k]}
+    assert changed == {"preset", "stem", "epochs"}
+    assert training_flops(default, 3, 1000) <= training_flops(long, 3, 1000) / 5
 
 
 def test_a_pooled_stem_runs_every_stage_at_a_quarter_of_the_positions_for_a_quarter_of_their_compute():
