@@ -32,7 +32,7 @@ from benchmarks.common import free_port, machine, synthetic_set
 from smids_ml import tracking
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, scan
-from smids_ml.models import build
+from smids_ml.models import build_for
 from smids_ml.predict import predict_inputs
 from smids_ml.serving import load_classifier
 
@@ -51,8 +51,7 @@ def log_untrained_model(data: Path, store: Path, members: int = 1) -> str:
     cfg = TrainConfig(data=str(data))
     class_root, frame = scan(data)
     dataset = Dataset(class_root, frame, sorted(set(frame["label"])))
-    networks = [build(cfg.model, len(dataset.classes), cfg.channels, cfg.dropout_rate, cfg.image_size)
-                for _ in range(members)]
+    networks = [build_for(cfg, len(dataset.classes)) for _ in range(members)]
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")  # artifacts too, never ./mlruns
     if not mlflow.get_experiment_by_name("bench-predict"):
         mlflow.create_experiment("bench-predict", str(store / "artifacts"))

@@ -40,12 +40,13 @@ SPACES = {
         "params": {"lr": [1e-3, 7e-4, 5e-4], "dropout_rate": [0.3, 0.35, 0.4]},
     },
     # For TPE on real crops: around the default recipe (AdamW, one-cycle), the knobs that move
-    # cross-validated accuracy on SMIDS: architecture, peak lr, weight decay, input size, augmentation
-    # and regularisation strength.
+    # cross-validated accuracy on SMIDS: architecture, smids_resnet's stem, peak lr, weight decay, input
+    # size, augmentation and regularisation strength.
     "broad": {
         "fixed": {"optimizer": "AdamW", "scheduler": "onecycle"},
         "params": {
             "model": ["smids_resnet", "improved_cnn", "resnet18"],
+            "stem": ["pool", "conv"],
             "lr": {"low": 5e-4, "high": 5e-3, "log": True},
             "weight_decay": {"low": 1e-3, "high": 0.2, "log": True},
             "dropout_rate": {"low": 0.0, "high": 0.4},
