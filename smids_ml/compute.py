@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from smids_ml.config import TrainConfig
 from smids_ml.engine import epoch_sizes
-from smids_ml.models import build
+from smids_ml.models import build_for
 
 
 def _convolution_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -38,8 +38,7 @@ def training_flops(cfg: TrainConfig, num_classes: int, train_images: int) -> flo
     """FLOPs of a whole training run of `cfg` on `train_images` images (every epoch, at its size). The global
     random state is left as it was, so counting does not change what a seeded run draws."""
     with torch.random.fork_rng():
-        network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, width=cfg.width,
-                        stem=cfg.stem)
+        network = build_for(cfg, num_classes)  # in train mode a test-time-averaging wrapper passes one view
         sizes = epoch_sizes(cfg)
         per_size = {size: step_flops(network, cfg.channels, size) for size in set(sizes)}
     return sum(per_size[size] for size in sizes) * train_images
