@@ -45,11 +45,14 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+    """The fused (one kernel for all parameters) implementations where torch has them, on CPU and CUDA: the
+    same update as the per-parameter loop, which on a CPU costs a tenth of a small network's step."""
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     if cfg.optimizer == "SGD":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=fused)
     optimizer = torch.optim.AdamW if cfg.optimizer == "AdamW" else torch.optim.Adam
-    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -174,3 +174,38 @@ def test_a_pooled_stem_runs_every_stage_at_a_quarter_of_the_positions_for_a_quar
     assert step_flops(pooled, 3, 64) - 2 * stem_flops == pytest.approx(plain_rest / 4, rel=0.02)
     stored = {k: v for k, v in TrainConfig(stem="pool").to_dict().items() if k != "stem"}
     assert TrainConfig.from_dict(stored).stem == "conv"  # a model logged before the option stays as it was trained
+
+
+def test_a_patch_stem_reaches_the_pooled_stems_map_in_one_convolution_over_non_overlapping_patches():
+    pooled, patched = (build_for(TrainConfig(image_size=64, width=8, stem=stem), 3).eval() for stem in ("pool", "patch"))
+    x = torch.randn(2, 3, 64, 64)
+    first = patched.features[0]
+    assert (first.kernel_size, first.stride) == ((4, 4), (4, 4))
+    assert first(x).shape[-1] == 16 and patched.features(x).shape == pooled.features(x).shape
+    # no half-size map: the stem's forward and weight gradient at 16×16 instead of 32×32; the stages are the same
+    pooled_stem, patch_stem = 2 * 32 * 32 * 8 * 27, 2 * 16 * 16 * 8 * 48
+    assert step_flops(patched, 3, 64) - 2 * patch_stem == pytest.approx(step_flops(pooled, 3, 64) - 2 * pooled_stem)
+    # a pixel changed inside one patch changes only that patch's position of the stem's map
+    y = x.clone()
+    y[:, :, 5, 9] += 1
+    changed = (first(y) - first(x)).abs().sum((0, 1)) > 0
+    assert changed.nonzero().tolist() == [[1, 2]]
+
+
+def test_the_fused_optimizer_takes_the_same_step_as_torchs_loop_over_parameters():
+    from smids_ml.engine import make_optimizer
+    for name in ("AdamW", "Adam", "SGD"):
+        cfg = TrainConfig(optimizer=name, image_size=32, width=8)
+        models = [build_for(cfg, 3).eval() for _ in range(2)]  # eval: no dropout draws to tell them apart
+        models[1].load_state_dict(models[0].state_dict())
+        fused, looped = make_optimizer(models[0], cfg), make_optimizer(models[1], cfg)
+        assert fused.param_groups[0]["fused"]
+        looped.param_groups[0]["fused"] = None  # torch's per-parameter loop
+        x = torch.randn(4, 3, 32, 32)
+        for model, optimizer in zip(models, (fused, looped)):
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                optimizer.step()
+        for a, b in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
