@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import socket
 import time
 from pathlib import Path
 
-import click
 import torch
 from torchvision import datasets, transforms
 
-from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
 from smids_ml.data import default_cache_dir
 from smids_ml.synth import generate
@@ -76,20 +73,5 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def recipe_config(recipe: str, data: Path, overrides: dict) -> TrainConfig:
-    """`preset+field=value+...`: the preset, its `+` overrides, then the command's own overrides."""
-    name, *pairs = recipe.split("+")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    own = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
-            raise SmidsError(f"recipe {recipe!r}: {pair!r} is not field=value of a TrainConfig field")
-        own[key] = value
-    cfg = TrainConfig.from_preset(name, data=str(data), **{**own, **overrides})
-    for key in own:  # text to the field's type: numbers by validate(), booleans as the CLI parses them
-        if isinstance(getattr(TrainConfig(), key), bool):
-            try:
-                setattr(cfg, key, click.BOOL.convert(own[key], None, None))
-            except click.BadParameter:
-                raise SmidsError(f"recipe {recipe!r}: {key} must be true or false, got {own[key]!r}") from None
-    return cfg.validate()
+    """`preset+field=value+...` on `data`: the preset, its `+` overrides, then the command's own overrides."""
+    return TrainConfig.from_recipe(recipe, data=str(data), **overrides)

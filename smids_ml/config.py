@@ -211,6 +211,27 @@ class TrainConfig:
             raise SmidsError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides, "preset": name})
 
+    @classmethod
+    def from_recipe(cls, recipe: str, **overrides: Any) -> "TrainConfig":
+        """A validated config from `preset+field=value+...` (`fast+epochs=100`): the preset, the recipe's own
+        overrides, then `overrides` over both (the benchmarks' and `train --member-recipes`' notation)."""
+        name, *pairs = recipe.strip().split("+")
+        if name not in PRESETS:
+            raise SmidsError(f"recipe {recipe!r}: {name!r} is not a preset ({', '.join(PRESETS)})")
+        known = {f.name: f for f in fields(cls)}
+        own = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in known:
+                raise SmidsError(f"recipe {recipe!r}: {pair!r} is not field=value of a TrainConfig field")
+            if isinstance(known[key].default, bool):  # text as the CLI reads a boolean
+                try:
+                    value = click.BOOL.convert(value, None, None)
+                except click.BadParameter:
+                    raise SmidsError(f"recipe {recipe!r}: {key} must be true or false, got {value!r}") from None
+            own[key] = value
+        return cls.from_preset(name, **{**own, **overrides}).validate()  # validate() turns numbers to their type
+
     @property
     def class_list(self) -> list[str] | None:
         return [c.strip() for c in self.classes.split(",") if c.strip()] if self.classes else None

@@ -285,8 +285,7 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
             dataset = evaluation_data(source, data, split_manifest, workdir)
     model = load_classifier(source.uri)
     part = select_split(dataset, split, model.classes, model_uri)
-    cfg = model.config
-    images = load_tensors(part, cfg.image_size, cfg.channels, cfg.resize)
+    images = model.pack([load_tensors(part, *spec) for spec in model.inputs])
     probs = np.concatenate([model.probabilities(images[i:i + batch]) for i in range(0, len(images), batch)])
     use_experiment(experiment)
     with mlflow.start_run(run_name=f"evaluate {source.canonical} ({split})") as run:

@@ -49,11 +49,11 @@ def _grad_cam(network: nn.Module, batch: torch.Tensor, targets: torch.Tensor) ->
     return torch.relu((weights * activation).sum(1)).detach()
 
 
-def _network_map(network: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One network's N×H×W map at input resolution; a test-time-averaging network's is the mean over its 8
-    views, each turned back to the input's orientation."""
+def _network_map(network: nn.Module, x: torch.Tensor, targets: torch.Tensor, side: int) -> torch.Tensor:
+    """One network's N×side×side map (side: the largest member input of an ensemble); a test-time-averaging
+    network's is the mean over its 8 views, each turned back to the input's orientation."""
     def upsample(maps):
-        return F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return F.interpolate(maps[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
 
     if not isinstance(network, D4Average):
         return upsample(_grad_cam(network, x, targets))
@@ -68,13 +68,17 @@ def _unit(maps: torch.Tensor) -> torch.Tensor:
     return maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
 
 
-def activation_maps(networks: list[nn.Module], images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """N×H×W maps in [0, 1] for uint8 N×C×H×W network inputs, each explaining class `targets[i]` of image i
-    (an ensemble's map is the mean of its members' maps, each scaled to a peak of 1)."""
-    x = normalize(images)
+def activation_maps(networks: list[nn.Module], images: torch.Tensor | list[torch.Tensor],
+                    targets: torch.Tensor) -> np.ndarray:
+    """N×S×S maps in [0, 1], each explaining class `targets[i]` of image i, for uint8 N×C×H×W network inputs:
+    one batch for all networks, or one per network (members of different input sizes; S is the largest).
+    An ensemble's map is the mean of its members' maps, each scaled to a peak of 1."""
+    inputs = images if isinstance(images, list) else [images] * len(networks)
+    side = max(x.shape[-1] for x in inputs)
     for network in networks:
         network.eval()
-    return _unit(torch.stack([_unit(_network_map(n, x.clone(), targets)) for n in networks]).mean(0)).numpy()
+    return _unit(torch.stack([_unit(_network_map(n, normalize(x), targets, side))
+                              for n, x in zip(networks, inputs, strict=True)]).mean(0)).numpy()
 
 
 def overlay(crop: Image.Image, heat: np.ndarray, resize: str = "pad") -> Image.Image:
@@ -105,6 +109,6 @@ def explain(model, crops: list[Image.Image], targets: list[int] | None = None, b
         images = torch.stack([model.preprocess(crop) for crop in chunk])
         wanted = (torch.as_tensor(targets[start:start + batch]) if targets is not None
                   else torch.as_tensor(model.probabilities(images).argmax(1)))
-        heat = activation_maps(model.networks, images, wanted)
+        heat = activation_maps(model.networks, model.member_inputs(images), wanted)
         out += [overlay(crop, h, model.config.resize) for crop, h in zip(chunk, heat)]
     return out

@@ -26,7 +26,7 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
     trial); move `alias` (@champion) to it only as `champion_decision` says.
 
     With `search.keep` > 1 the model is the ensemble of the best `keep` trials that share the best
-    trial's input preprocessing (one model, the mean of their probabilities).
+    trial's resize mode (one model, the mean of their probabilities; each member keeps its input size).
     """
     best = best_trial(study)
     if best is None:
@@ -37,12 +37,11 @@ def promote_best(study: optuna.Study, search: Search, register_as: str, alias: s
     if client.get_run(run_id).data.tags.get("smids_ml.model_uri"):
         click.echo(f"best trial {best.number} is already registered", err=True)
         return None
-    shape = lambda cfg: tuple(getattr(cfg, f) for f in tracking.INPUT_FIELDS)  # noqa: E731
     members, chosen = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for trial in ranked_trials(study):
             cfg = search.config_of(trial)
-            if len(chosen) == search.keep or shape(cfg) != shape(search.config_of(best)):
+            if len(chosen) == search.keep or cfg.resize != search.config_of(best).resize:
                 continue
             try:
                 path = mlflow.artifacts.download_artifacts(run_id=trial.user_attrs[RUN_ID_ATTR], artifact_path=WEIGHTS,

@@ -56,10 +56,19 @@ def load_classifier(uri: str) -> "SmidsClassifier":
     return model
 
 
+def input_of(cfg: TrainConfig) -> tuple[int, int, str]:
+    """What a member's preprocessing depends on: (image size, channels, resize mode)."""
+    return cfg.image_size, cfg.channels, cfg.resize
+
+
 class SmidsClassifier(mlflow.pyfunc.PythonModel):
-    """One or more networks that share their input preprocessing and classes; the answer is the mean
-    of their probabilities. A single trained model is an ensemble of one; k-fold and top-k ensembles
-    are the same class. Weights are state_dicts, loaded with weights_only=True."""
+    """One or more networks with the same classes; the answer is the mean of their probabilities. A single
+    trained model is an ensemble of one; k-fold, top-k and multi-recipe ensembles are the same class.
+    Weights are state_dicts, loaded with weights_only=True.
+
+    Each member sees the crop exactly as it did in training: members that differ in input size or
+    channels (an ensemble of recipes) get one preprocessed copy per input format, packed side by side
+    in one flat uint8 row per image, so callers keep stacking one tensor per image."""
 
     def load_context(self, context) -> None:
         with open(context.artifacts["config"]) as handle:
@@ -71,7 +80,8 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
         models logged before ensembles; the weights file holds {"members": [state_dict, ...]} or one state_dict."""
         self.classes: list[str] = meta["classes"]
         self.members = [TrainConfig.from_dict(c) for c in meta.get("members") or [meta["config"]]]
-        self.config = self.members[0]  # the input preprocessing every member shares
+        self.config = self.members[0]  # the resize mode every member shares; the first member's input
+        self.inputs = list(dict.fromkeys(input_of(cfg) for cfg in self.members))
         saved = torch.load(weights_path, map_location="cpu", weights_only=True)
         states = saved["members"] if set(saved) == {"members"} else [saved]
         self.networks = []
@@ -82,16 +92,38 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
         return self
 
     def preprocess(self, image) -> torch.Tensor:
-        cfg = self.config
-        return prepare_image(image, cfg.image_size, cfg.channels, cfg.resize)
+        """uint8 C×S×S for one input format; with several, their flattened copies in one row."""
+        if len(self.inputs) == 1:
+            return prepare_image(image, *self.inputs[0])
+        return torch.cat([prepare_image(image, *spec).flatten() for spec in self.inputs])
+
+    def pack(self, per_input: list[torch.Tensor]) -> torch.Tensor:
+        """N images preprocessed once per input format (N×C×S×S each, in `inputs` order) → what `preprocess`
+        makes for N images, stacked."""
+        return per_input[0] if len(self.inputs) == 1 else torch.cat([t.flatten(1) for t in per_input], 1)
+
+    def unpack(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of `pack`: one N×C×S×S batch per input format."""
+        if len(self.inputs) == 1:
+            return [images]
+        sizes = [channels * side * side for side, channels, _ in self.inputs]
+        return [part.reshape(len(images), channels, side, side)
+                for part, (side, channels, _) in zip(images.split(sizes, 1), self.inputs)]
+
+    def member_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's uint8 batch, in member order."""
+        views = self.unpack(images)
+        return [views[self.inputs.index(input_of(cfg))] for cfg in self.members]
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """Class probabilities (the members' mean) for a uint8 N×C×H×W batch of preprocessed images."""
+        """Class probabilities (the members' mean) for a batch that `preprocess` made, stacked."""
         out = []
         for i in range(0, len(images), INFERENCE_BATCH):
-            batch = normalize(images[i:i + INFERENCE_BATCH]).contiguous(memory_format=torch.channels_last)
-            out.append(torch.stack([torch.softmax(network(batch), 1) for network in self.networks]).mean(0))
+            inputs = self.member_inputs(images[i:i + INFERENCE_BATCH])
+            out.append(torch.stack([
+                torch.softmax(network(normalize(x).contiguous(memory_format=torch.channels_last)), 1)
+                for network, x in zip(self.networks, inputs)]).mean(0))
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def to_frame(self, probs: np.ndarray) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from mlflow.models import infer_signature
 import smids_ml
 from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
-from smids_ml.data import Dataset, prepare_image, open_image
+from smids_ml.data import Dataset, open_image
 from smids_ml.plots import close
 
 PACKAGE_DIR = Path(smids_ml.__file__).parent
@@ -148,9 +148,6 @@ def log_frame(frame: pd.DataFrame, path: str) -> None:
         mlflow.log_artifact(str(file), str(Path(path).parent) if Path(path).parent != Path(".") else None)
 
 
-INPUT_FIELDS = ("image_size", "channels", "resize")
-
-
 def model_meta(configs: list[TrainConfig], classes: list[str]) -> dict:
     """What the pyfunc needs besides weights: the classes and each member's config."""
     return {"classes": list(classes), "members": [cfg.to_dict() for cfg in configs]}
@@ -159,16 +156,16 @@ def model_meta(configs: list[TrainConfig], classes: list[str]) -> dict:
 def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Dataset, name: str = "model"):
     """Log the pyfunc (members' weights + configs + this package's code) with a signature and a 2-image example.
 
-    `members` is one (network, config) pair for a single model, or several for an ensemble; they must
-    share the input preprocessing (image size, channels, resize), which the served model applies once.
+    `members` is one (network, config) pair for a single model, or several for an ensemble; they may differ
+    in input size and channels (each is served its own preprocessing) but must share the resize mode, so that
+    their activation maps lie over the same crop geometry.
     """
     from smids_ml.serving import SmidsClassifier
 
     configs = [cfg for _, cfg in members]
-    inputs = {tuple(getattr(cfg, f) for f in INPUT_FIELDS) for cfg in configs}
-    if len(inputs) != 1:
-        raise SmidsError(f"ensemble members must share {', '.join(INPUT_FIELDS)}; got {sorted(inputs)}")
-    cfg = configs[0]
+    modes = sorted({cfg.resize for cfg in configs})
+    if len(modes) != 1:
+        raise SmidsError(f"ensemble members must share --resize; got {', '.join(modes)}")
     examples = dataset.manifest.groupby("label").head(1).head(2)["path"]
     if len(examples) < 2:
         examples = dataset.manifest["path"].head(2)
@@ -181,8 +178,7 @@ def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Datas
         meta = model_meta(configs, dataset.classes)
         meta_file.write_text(json.dumps(meta, indent=2))
         classifier = SmidsClassifier().load(meta, str(weights))
-        batch = torch.stack([prepare_image(open_image(dataset.root / p), cfg.image_size, cfg.channels, cfg.resize)
-                             for p in examples])
+        batch = torch.stack([classifier.preprocess(open_image(dataset.root / p)) for p in examples])
         output = classifier.to_frame(classifier.probabilities(batch))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "add type hints": the signature is given explicitly

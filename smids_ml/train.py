@@ -130,19 +130,20 @@ def log_split_and_config(dataset: Dataset, cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
           register_as: str | None = None, alias: str | None = None, members: int = 1,
-          dataset: Dataset | None = None, member_models: list[str] | None = None) -> TrainResult:
+          dataset: Dataset | None = None, member_models: list[str] | None = None,
+          member_recipes: list[str] | None = None) -> TrainResult:
     """Prepare data (unless given), train in a new (or `mlflow run`'s) run, optionally register the model.
-    With several members (`members` seeds of each of `member_models`, default cfg.model) the result's
-    history and network are the first member's; `networks` holds them all."""
-    configs = member_configs(cfg, members, member_models)
+    With several members (`members` seeds of each of `member_models` or `member_recipes`, default cfg's
+    recipe) the result's history and network are the first member's; `networks` holds them all."""
+    configs = member_configs(cfg, members, member_models, member_recipes)
     dataset = dataset or prepare_data(cfg)
     use_experiment(experiment)
     members = len(configs)
     with mlflow.start_run(run_name=run_name):
         if members == 1:
-            result = run_training(cfg, dataset)
+            result = run_training(configs[0], dataset)
         else:
-            result = train_members(configs, dataset)
+            result = train_members(configs, dataset, member_recipes)
         if register_as:
             score = result.history.best.get(cfg.monitor)
             version = tracking.register(result.model_uri, register_as, alias, tags={
@@ -152,26 +153,52 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     return result
 
 
-def member_configs(cfg: TrainConfig, members: int, models: list[str] | None = None) -> list[TrainConfig]:
-    """`members` seeds (seed, seed+1, ...) of each of `models` (default: cfg.model); the names are checked
-    before any training (the rest of cfg was validated already, and a known model name keeps it valid)."""
-    unknown = [model for model in models or () if model not in MODELS]
-    if unknown:
-        raise SmidsError(f"--member-models: {unknown[0]!r} is not one of {', '.join(MODELS)}")
-    return [cfg.replace(model=model, seed=cfg.seed + i) for model in models or [cfg.model] for i in range(members)]
+# What a recipe does not decide: the data, its split, the seed and where to train come from the command.
+RUN_FIELDS = ("data", "split_manifest", "classes", "valid_frac", "test_frac", "strict", "seed", "device",
+              "precision", "num_threads")
 
 
-def train_members(configs: list[TrainConfig], dataset: Dataset) -> TrainResult:
+def member_configs(cfg: TrainConfig, members: int, models: list[str] | None = None,
+                   recipes: list[str] | None = None) -> list[TrainConfig]:
+    """`members` seeds (seed, seed+1, ...) of each of `models` (cfg with another network) or of each of
+    `recipes` (`preset+field=value`, on cfg's data, split, seed and device); by default of cfg itself. Every
+    name and recipe is checked before any training."""
+    if models and recipes:
+        raise SmidsError("--member-models and --member-recipes both choose the members: give one of them")
+    if recipes:
+        recipe_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_FIELDS]
+        default = TrainConfig()
+        moved = [name for name in recipe_fields if getattr(cfg, name) != getattr(default, name)]
+        if moved:
+            flag = "--" + moved[0].replace("_", "-")
+            raise SmidsError(f"--member-recipes: {flag} would change every recipe; put it in the recipes instead "
+                             f"(e.g. {recipes[0]}+{moved[0]}={getattr(cfg, moved[0])})")
+        run = {name: getattr(cfg, name) for name in RUN_FIELDS}
+        bases = [TrainConfig.from_recipe(recipe, **run) for recipe in recipes]
+        if len({c.resize for c in bases}) > 1:
+            raise SmidsError("--member-recipes: the recipes must share --resize (pad or stretch), so that one crop "
+                             "geometry serves them all")
+    else:
+        unknown = [model for model in models or () if model not in MODELS]
+        if unknown:
+            raise SmidsError(f"--member-models: {unknown[0]!r} is not one of {', '.join(MODELS)}")
+        bases = [cfg.replace(model=model) for model in models or [cfg.model]]
+    return [base.replace(seed=base.seed + i) for base in bases for i in range(members)]
+
+
+def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[str] | None = None) -> TrainResult:
     """The members trained on the same split in nested runs, logged as one averaging model on the active run."""
     run = mlflow.active_run()
     results = []
     for i, member in enumerate(configs):
-        with mlflow.start_run(run_name=f"member {i + 1}/{len(configs)}: {member.model} seed {member.seed}", nested=True):
+        what = f"{member.model} ({recipes[i * len(recipes) // len(configs)]})" if recipes else member.model
+        with mlflow.start_run(run_name=f"member {i + 1}/{len(configs)}: {what} seed {member.seed}", nested=True):
             mlflow.set_tag("member", i)
             results.append(run_training(member, dataset, log_model=False))
     first, cfg = results[0], configs[0]
     tracking.log_run_context(cfg, dataset, count_parameters(first.network))
-    tracking.log_new_params({"members": len(configs), "member_models": ",".join(dict.fromkeys(c.model for c in configs))})
+    tracking.log_new_params({"members": len(configs), "member_models": ",".join(dict.fromkeys(c.model for c in configs)),
+                             **({"member_recipes": ",".join(recipes)} if recipes else {})})
     log_split_and_config(dataset, cfg)
     model_uri = tracking.log_model([(r.network, member) for r, member in zip(results, configs)], dataset).model_uri
     return TrainResult(run.info.run_id, first.history, first.network, dataset, model_uri,
@@ -189,15 +216,22 @@ def train_members(configs: list[TrainConfig], dataset: Dataset) -> TrainResult:
                    "model that averages their probabilities; K times the training time.")
 @click.option("--member-models", default="",
               help="Comma-separated architectures (e.g. smids_resnet,mobilenet_v3_small): --members seeds of each, "
-                   "logged as one averaging model; they share the input size and colour. Default: --model only.")
+                   "logged as one averaging model. Default: --model only.")
+@click.option("--member-recipes", default="",
+              help="Comma-separated recipes, each a preset with optional +field=value overrides (e.g. "
+                   "default+tta=d4,fast, the best ensemble measured): --members seeds of each, on this command's "
+                   "data, split, seed and device, logged as one averaging model; each member keeps its own input "
+                   "size. Training flags go in the recipes.")
 @stops_cleanly("the run is marked FAILED")
-def main(experiment, run_name, register_as, alias, members, member_models, **options):
+def main(experiment, run_name, register_as, alias, members, member_models, member_recipes, **options):
     """Train one model (or an ensemble of --members) on a folder of class folders and log everything to MLflow."""
     cfg = config_from_options(options)
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
     models = [m.strip() for m in member_models.split(",") if m.strip()]
-    result = train(cfg, experiment, run_name, register_as, alias, members, member_models=models)
+    recipes = [r.strip() for r in member_recipes.split(",") if r.strip()]
+    result = train(cfg, experiment, run_name, register_as, alias, members, member_models=models,
+                   member_recipes=recipes)
     members = len(result.networks)
     history, best = result.history, result.history.best
     if "valid_acc" in best:

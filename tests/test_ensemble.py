@@ -176,3 +176,57 @@ def test_train_member_models_names_an_unknown_network_before_training(tracking, 
     assert result.exit_code != 0
     assert "--member-models: 'vgg99' is not one of smids_resnet" in result.output
     assert not mlflow.search_runs(experiment_names=[tracking], output_format="list")  # nothing was started
+
+
+RECIPES = ("default+image_size=32+epochs=2+width=8+batch=16",  # the pooled stem, one view, 32 px
+           "fast+image_size=24+epochs=2+width=8+batch=16")  # the plain stem, test-time averaged, 24 px
+
+
+def test_train_member_recipes_logs_one_model_whose_members_each_see_their_own_input(tracking, synth_data, tmp_path):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, "--valid-frac", "0.15",
+                     "--num-threads", "1", "--member-recipes", ",".join(RECIPES), "--register-as", "recipes"])
+    assert result.exit_code == 0, result.output
+    assert "logged the 2-model ensemble" in result.output and "registered models:/recipes/1" in result.output
+    parent, children = parent_and_children(tracking)
+    assert parent.data.params["member_recipes"] == ",".join(RECIPES)
+    assert sorted((r.data.params["image_size"], r.data.params["stem"], r.data.params["tta"]) for r in children) == [
+        ("24", "conv", "d4"), ("32", "pool", "none")]
+
+    model = load_classifier("models:/recipes/1")
+    assert [(c.image_size, c.stem, c.tta) for c in model.members] == [(32, "pool", "none"), (24, "conv", "d4")]
+    files = sorted((synth_data / "Abnormal_Sperm").glob("*.bmp"))[:3] + sorted((synth_data / "Non-Sperm").glob("*.bmp"))[:3]
+    crops = [open_image(f) for f in files]
+    batch = torch.stack([model.preprocess(crop) for crop in crops])
+    with torch.no_grad():  # each member on the crop as its training prepared it, at its own size
+        alone = [torch.softmax(network(normalize(torch.stack([prepare_image(c, cfg.image_size, cfg.channels,
+                                                                            cfg.resize) for c in crops]))), 1).numpy()
+                 for network, cfg in zip(model.networks, model.members)]
+    expected = np.mean(alone, axis=0)
+    np.testing.assert_allclose(model.probabilities(batch), expected, atol=1e-6)
+
+    served = mlflow.pyfunc.load_model("models:/recipes/1").predict(
+        pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]}))
+    np.testing.assert_allclose(served[list(SMIDS_CLASSES)].to_numpy(), expected, atol=1e-5)
+    out = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(predict, ["models:/recipes/1", *map(str, files), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(pd.read_csv(out)[list(SMIDS_CLASSES)].to_numpy(), expected, atol=1e-5)
+    result = invoke(["evaluate", "models:/recipes/1", "--experiment", tracking])
+    assert result.exit_code == 0, result.output
+
+    from smids_ml.explain import explain
+    overlays = explain(model, crops[:2])  # both members' maps, at the larger input's side, over each crop
+    assert [o.size for o in overlays] == [c.size for c in crops[:2]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--member-recipes", f"{RECIPES[0]},fast+epoch=3"], "recipe 'fast+epoch=3': 'epoch=3' is not field=value"),
+    (["--member-recipes", f"{RECIPES[0]},quick"], "recipe 'quick': 'quick' is not a preset (default, long, fast, original)"),
+    (["--member-recipes", RECIPES[0], "--epochs", "3"], "--member-recipes: --epochs would change every recipe"),
+    (["--member-recipes", RECIPES[0], "--member-models", "simple_cnn"], "--member-models and --member-recipes both"),
+    (["--member-recipes", f"{RECIPES[0]},{RECIPES[1]}+resize=stretch"], "the recipes must share --resize"),
+])
+def test_train_member_recipes_refuses_a_bad_recipe_before_training(tracking, synth_data, flags, message):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *flags])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not mlflow.search_runs(experiment_names=[tracking], output_format="list")  # nothing was started
