@@ -153,11 +153,6 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     return result
 
 
-# What a recipe does not decide: the data, its split, the seed and where to train come from the command.
-RUN_FIELDS = ("data", "split_manifest", "classes", "valid_frac", "test_frac", "strict", "seed", "device",
-              "precision", "num_threads")
-
-
 def member_configs(cfg: TrainConfig, members: int, models: list[str] | None = None,
                    recipes: list[str] | None = None) -> list[TrainConfig]:
     """`members` seeds (seed, seed+1, ...) of each of `models` (cfg with another network) or of each of
@@ -166,14 +161,18 @@ def member_configs(cfg: TrainConfig, members: int, models: list[str] | None = No
     if models and recipes:
         raise SmidsError("--member-models and --member-recipes both choose the members: give one of them")
     if recipes:
-        recipe_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_FIELDS]
+        # a recipe decides what a search space may change (the tunable fields); the data, its split, the seed
+        # and where to train come from the command
+        recipe_fields = ["preset"] + [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["tunable"]]
+        run = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in recipe_fields}
         default = TrainConfig()
         moved = [name for name in recipe_fields if getattr(cfg, name) != getattr(default, name)]
+        if "preset" in moved:
+            raise SmidsError("--member-recipes: each recipe starts from its own preset; drop --preset")
         if moved:
             flag = "--" + moved[0].replace("_", "-")
             raise SmidsError(f"--member-recipes: {flag} would change every recipe; put it in the recipes instead "
                              f"(e.g. {recipes[0]}+{moved[0]}={getattr(cfg, moved[0])})")
-        run = {name: getattr(cfg, name) for name in RUN_FIELDS}
         bases = [TrainConfig.from_recipe(recipe, **run) for recipe in recipes]
         if len({c.resize for c in bases}) > 1:
             raise SmidsError("--member-recipes: the recipes must share --resize (pad or stretch), so that one crop "

@@ -223,6 +223,7 @@ def test_train_member_recipes_logs_one_model_whose_members_each_see_their_own_in
     (["--member-recipes", f"{RECIPES[0]},fast+epoch=3"], "recipe 'fast+epoch=3': 'epoch=3' is not field=value"),
     (["--member-recipes", f"{RECIPES[0]},quick"], "recipe 'quick': 'quick' is not a preset (default, long, fast, original)"),
     (["--member-recipes", RECIPES[0], "--epochs", "3"], "--member-recipes: --epochs would change every recipe"),
+    (["--member-recipes", RECIPES[0], "--preset", "fast"], "each recipe starts from its own preset; drop --preset"),
     (["--member-recipes", RECIPES[0], "--member-models", "simple_cnn"], "--member-models and --member-recipes both"),
     (["--member-recipes", f"{RECIPES[0]},{RECIPES[1]}+resize=stretch"], "the recipes must share --resize"),
 ])

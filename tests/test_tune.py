@@ -15,9 +15,11 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from smids_ml.data import open_image
 from smids_ml.serving import load_classifier
 from smids_ml.studies import open_storage
 from tests.conftest import ROOT, TINY
@@ -211,7 +213,8 @@ def test_default_study_storage_sits_beside_a_sqlite_tracking_store(synth_data, t
 
 
 def test_ensemble_top_registers_the_best_trials_as_one_model(tracking, synth_data, tmp_path):
-    space = space_file(tmp_path, "top", "fixed: {model: improved_cnn}\nparams:\n  lr: [0.001, 0.002, 0.003]\n")
+    # trials of three input sizes: the members keep theirs (the ensemble serves each its own preprocessing)
+    space = space_file(tmp_path, "top", "fixed: {model: smids_resnet, width: 8}\nparams:\n  image_size: [24, 32, 40]\n")
     storage = tmp_path / "optuna.journal"
     tune(tracking, synth_data, storage, "--space", space, "--epochs", "1", "--study-name", "top",
          "--register-as", "tuned-top", "--pruner", "none", "--ensemble-top", "2")
@@ -221,7 +224,9 @@ def test_ensemble_top_registers_the_best_trials_as_one_model(tracking, synth_dat
     assert version.tags["members"] == f"{ranked[0].number},{ranked[1].number}"
     assert int(version.tags["trial"]) == study.best_trial.number == ranked[0].number
     model = load_classifier("models:/tuned-top@champion")
-    assert [cfg.lr for cfg in model.members] == [ranked[0].params["lr"], ranked[1].params["lr"]]
+    assert [cfg.image_size for cfg in model.members] == [ranked[0].params["image_size"], ranked[1].params["image_size"]]
+    assert len(model.inputs) == 2 and model.probabilities(torch.stack([model.preprocess(open_image(f)) for f in
+                                                                        sorted(synth_data.rglob("*.bmp"))[:3]])).shape == (3, 3)
     assert not list((tmp_path.parent / "cache").glob("trials/**/*.pt"))
 
 
