@@ -145,10 +145,11 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
         else:
             result = train_members(configs, dataset, member_recipes)
         if register_as:
-            score = result.history.best.get(cfg.monitor)
+            monitor = configs[0].monitor  # a single --member-recipes recipe may watch another metric than cfg
+            score = result.history.best.get(monitor)
             version = tracking.register(result.model_uri, register_as, alias, tags={
                 "run_id": result.run_id, **({"members": members} if members > 1 else {}),
-                **({f"valid_{cfg.monitor}": score} if score is not None and members == 1 else {})})
+                **({f"valid_{monitor}": score} if score is not None and members == 1 else {})})
             result.version = version.version
     return result
 
@@ -218,7 +219,7 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
                    "logged as one averaging model. Default: --model only.")
 @click.option("--member-recipes", default="",
               help="Comma-separated recipes, each a preset with optional +field=value overrides (e.g. "
-                   "default+tta=d4,fast, the best ensemble measured): --members seeds of each, on this command's "
+                   "default+tta=d4,fast): --members seeds of each, on this command's "
                    "data, split, seed and device, logged as one averaging model; each member keeps its own input "
                    "size. Training flags go in the recipes.")
 @stops_cleanly("the run is marked FAILED")

@@ -231,3 +231,14 @@ def test_train_member_recipes_refuses_a_bad_recipe_before_training(tracking, syn
     result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *flags])
     assert result.exit_code != 0 and message in result.output, result.output
     assert not mlflow.search_runs(experiment_names=[tracking], output_format="list")  # nothing was started
+
+
+def test_one_member_recipe_trains_and_registers_that_recipe_alone(tracking, synth_data):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, "--valid-frac", "0.15",
+                     "--num-threads", "1", "--member-recipes", "original+image_size=32+epochs=1",
+                     "--register-as", "one-recipe"])
+    assert result.exit_code == 0, result.output
+    [run] = mlflow.search_runs(experiment_names=[tracking], output_format="list")  # no nested members
+    assert (run.data.params["model"], run.data.params["monitor"]) == ("improved_cnn", "valid_acc")
+    version = mlflow.MlflowClient().get_model_version("one-recipe", "1")
+    assert "valid_valid_acc" in version.tags  # the score of the metric the recipe watches, not the default's
