@@ -101,7 +101,8 @@ class TrainConfig:
                              "every stage runs at a quarter of the positions (about a quarter of the compute at the same "
                              "--image-size) while the stem still sees every input pixel; patch, a 4×4 stride-4 convolution "
                              "over non-overlapping patches, reaches that quarter-size map without the half-size one (the "
-                             "same compute, less time on a CPU).", ("conv", "pool", "patch"))
+                             "same compute, less time on a CPU); overlap, the same with overlapping 7×7 patches.",
+                 ("conv", "pool", "patch", "overlap"))
     dropout_rate: float = _opt(0.2, "Dropout before the classifier.")
     # optimisation
     epochs: int = _opt(155, "Number of epochs (the schedule spans them all).")

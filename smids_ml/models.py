@@ -67,13 +67,15 @@ class SmidsResNet(nn.Module):
     runs at a quarter of the positions, so a 96 px input costs what a 48 px one does, yet the stem still
     sees every input pixel. `stem="patch"` reaches the same map in one step, a 4×4 stride-4 convolution over
     non-overlapping patches (ConvNeXt's stem): the half-size maps, the stem's costliest memory traffic on a
-    CPU, are never made."""
+    CPU, are never made. `stem="overlap"` does the same with 7×7 patches at stride 4 (PVT v2's overlapping
+    patch embedding): each position sees the 7×7 pixels the pooled stem's does, linearly."""
 
     def __init__(self, num_classes: int, channels: int, dropout: float, width: int = 32, stem: str = "conv"):
         super().__init__()
         widths = [width * 2 ** stage for stage in range(4)]
-        first = (nn.Conv2d(channels, width, 4, 4, bias=False) if stem == "patch"
-                 else nn.Conv2d(channels, width, 3, 2, 1, bias=False))
+        first = {"patch": nn.Conv2d(channels, width, 4, 4, bias=False),
+                 "overlap": nn.Conv2d(channels, width, 7, 4, 3, bias=False)}.get(
+            stem, nn.Conv2d(channels, width, 3, 2, 1, bias=False))
         layers = [first, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         if stem == "pool":
             layers.append(nn.MaxPool2d(3, 2, 1))

@@ -192,6 +192,20 @@ def test_a_patch_stem_reaches_the_pooled_stems_map_in_one_convolution_over_non_o
     assert changed.nonzero().tolist() == [[1, 2]]
 
 
+def test_an_overlapping_stem_reaches_the_same_map_with_each_pixel_seen_by_neighbouring_patches():
+    pooled, overlapped = (build_for(TrainConfig(image_size=64, width=8, stem=stem), 3).eval() for stem in ("pool", "overlap"))
+    x = torch.randn(2, 3, 64, 64)
+    first = overlapped.features[0]
+    assert (first.kernel_size, first.stride) == ((7, 7), (4, 4))
+    assert first(x).shape[-1] == 16 and overlapped.features(x).shape == pooled.features(x).shape
+    # 7×7 windows at stride 4: a pixel lies in the windows of two rows and two columns of positions, so no
+    # patch border splits a detail, as it does with non-overlapping patches
+    y = x.clone()
+    y[:, :, 5, 9] += 1
+    changed = (first(y) - first(x)).abs().sum((0, 1)) > 0
+    assert changed.nonzero().tolist() == [[1, 2], [1, 3], [2, 2], [2, 3]]
+
+
 def test_the_fused_optimizer_takes_the_same_step_as_torchs_loop_over_parameters():
     from smids_ml.engine import make_optimizer
     for name in ("AdamW", "Adam", "SGD"):
