@@ -176,34 +176,23 @@ def test_a_pooled_stem_runs_every_stage_at_a_quarter_of_the_positions_for_a_quar
     assert TrainConfig.from_dict(stored).stem == "conv"  # a model logged before the option stays as it was trained
 
 
-def test_a_patch_stem_reaches_the_pooled_stems_map_in_one_convolution_over_non_overlapping_patches():
-    pooled, patched = (build_for(TrainConfig(image_size=64, width=8, stem=stem), 3).eval() for stem in ("pool", "patch"))
+@pytest.mark.parametrize("stem, kernel, reached", [
+    ("patch", 4, [[1, 2]]),  # non-overlapping 4×4 patches: a pixel reaches its own patch's position only
+    ("overlap", 7, [[1, 2], [1, 3], [2, 2], [2, 3]]),  # 7×7 windows at stride 4: two rows and two columns of them
+])
+def test_a_stride_4_stem_reaches_the_pooled_stems_map_in_one_convolution(stem, kernel, reached):
+    pooled, strided = (build_for(TrainConfig(image_size=64, width=8, stem=s), 3).eval() for s in ("pool", stem))
     x = torch.randn(2, 3, 64, 64)
-    first = patched.features[0]
-    assert (first.kernel_size, first.stride) == ((4, 4), (4, 4))
-    assert first(x).shape[-1] == 16 and patched.features(x).shape == pooled.features(x).shape
+    first = strided.features[0]
+    assert (first.kernel_size, first.stride) == ((kernel, kernel), (4, 4))
+    assert first(x).shape[-1] == 16 and strided.features(x).shape == pooled.features(x).shape
     # no half-size map: the stem's forward and weight gradient at 16×16 instead of 32×32; the stages are the same
-    pooled_stem, patch_stem = 2 * 32 * 32 * 8 * 27, 2 * 16 * 16 * 8 * 48
-    assert step_flops(patched, 3, 64) - 2 * patch_stem == pytest.approx(step_flops(pooled, 3, 64) - 2 * pooled_stem)
-    # a pixel changed inside one patch changes only that patch's position of the stem's map
+    pooled_stem, strided_stem = 2 * 32 * 32 * 8 * 27, 2 * 16 * 16 * 8 * 3 * kernel ** 2
+    assert step_flops(strided, 3, 64) - 2 * strided_stem == pytest.approx(step_flops(pooled, 3, 64) - 2 * pooled_stem)
     y = x.clone()
     y[:, :, 5, 9] += 1
     changed = (first(y) - first(x)).abs().sum((0, 1)) > 0
-    assert changed.nonzero().tolist() == [[1, 2]]
-
-
-def test_an_overlapping_stem_reaches_the_same_map_with_each_pixel_seen_by_neighbouring_patches():
-    pooled, overlapped = (build_for(TrainConfig(image_size=64, width=8, stem=stem), 3).eval() for stem in ("pool", "overlap"))
-    x = torch.randn(2, 3, 64, 64)
-    first = overlapped.features[0]
-    assert (first.kernel_size, first.stride) == ((7, 7), (4, 4))
-    assert first(x).shape[-1] == 16 and overlapped.features(x).shape == pooled.features(x).shape
-    # 7×7 windows at stride 4: a pixel lies in the windows of two rows and two columns of positions, so no
-    # patch border splits a detail, as it does with non-overlapping patches
-    y = x.clone()
-    y[:, :, 5, 9] += 1
-    changed = (first(y) - first(x)).abs().sum((0, 1)) > 0
-    assert changed.nonzero().tolist() == [[1, 2], [1, 3], [2, 2], [2, 3]]
+    assert changed.nonzero().tolist() == reached
 
 
 def test_the_fused_optimizer_takes_the_same_step_as_torchs_loop_over_parameters():
