@@ -73,10 +73,9 @@ class SmidsResNet(nn.Module):
     def __init__(self, num_classes: int, channels: int, dropout: float, width: int = 32, stem: str = "conv"):
         super().__init__()
         widths = [width * 2 ** stage for stage in range(4)]
-        first = {"patch": nn.Conv2d(channels, width, 4, 4, bias=False),
-                 "overlap": nn.Conv2d(channels, width, 7, 4, 3, bias=False)}.get(
-            stem, nn.Conv2d(channels, width, 3, 2, 1, bias=False))
-        layers = [first, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        kernel, stride, padding = {"patch": (4, 4, 0), "overlap": (7, 4, 3)}.get(stem, (3, 2, 1))
+        layers = [nn.Conv2d(channels, width, kernel, stride, padding, bias=False), nn.BatchNorm2d(width),
+                  nn.ReLU(inplace=True)]
         if stem == "pool":
             layers.append(nn.MaxPool2d(3, 2, 1))
         for stage, out in enumerate(widths):
