@@ -47,7 +47,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Fields added after models were first logged, with the value that means "as before" for a stored config
 # without them (a default may change; what an old model was trained and evaluated with may not).
-ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_start": 0.0, "orientations": "random", "stem": "conv"}
+ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_start": 0.0, "orientations": "random", "stem": "conv",
+                               "class_weights": "none"}
 
 
 def _opt(default, help, choices=None, tunable=True):
@@ -118,6 +119,10 @@ class TrainConfig:
                           ("onecycle", "linear", "cosine", "none"))
     warmup_epochs: float = _opt(2.0, "Warm-up length of the onecycle schedule, in epochs (kept shorter than the run).")
     label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy loss.")
+    class_weights: str = _opt("none", "Weights of the classes in the loss: balanced weighs each class by the inverse of "
+                                      "its share of the training images (every class counts as much in total), sqrt by "
+                                      "the square root of that (half-way), none weighs every image alike.",
+                              ("none", "sqrt", "balanced"))
     mixup: float = _opt(0.0, "MixUp alpha: each training batch is blended with a shifted copy of itself, labels too, "
                              "by a Beta(alpha, alpha) weight (0: off).")
     ema: float = _opt(0.0, "Decay per step of an exponential moving average of the weights (and batch-norm statistics), "

@@ -192,6 +192,17 @@ class History:
         return self.epochs[self.best_epoch - 1]
 
 
+def class_weights(kind: str, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Loss weights per class from the training labels: `balanced` (the inverse of each class's share, so every
+    class weighs as much in total), `sqrt` (its square root), or None for `none`. Normalised to a mean image
+    weight of 1: the loss divides by the batch's weights for class targets but not for MixUp's blended ones."""
+    if kind == "none":
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp_(min=1)
+    weights = (counts.sum() / (num_classes * counts)) ** (0.5 if kind == "sqrt" else 1.0)
+    return weights * counts.sum() / (weights * counts).sum()
+
+
 def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device, num_classes: int,
         callbacks: Iterable[Callback] = ()) -> History:
     """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights.
@@ -201,7 +212,8 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
     optimizer = make_optimizer(model, cfg)
     scheduler, per_step = make_scheduler(optimizer, cfg, len(batches["train"]))
     precision = resolve_precision(cfg.precision, device, cfg.model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=class_weights(cfg.class_weights, batches["train"].labels, num_classes),
+                                    label_smoothing=cfg.label_smoothing)
     mix = v2.MixUp(alpha=cfg.mixup, num_classes=num_classes) if cfg.mixup > 0 else None
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     kept = ema.module if ema is not None else model
