@@ -35,6 +35,7 @@ import pandas as pd
 
 from benchmarks.common import machine, recipe_config, table
 from smids_ml import SmidsError, tracking
+from smids_ml.adapt import adapt
 from smids_ml.config import PRESETS, TrainConfig
 from smids_ml.compute import training_flops
 from smids_ml.cv import cross_validate, fold_dataset, fold_probabilities
@@ -59,6 +60,7 @@ def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list[list], pd.Da
     result = cross_validate(cfg, folds, EXPERIMENT, run_name=f"bench {recipe} ({folds}-fold)", dataset=dataset)
     minutes = (time.perf_counter() - start) / 60 / folds
     s = result.summary
+    cfg = result.cfg
     cost = training_flops(cfg, len(dataset.classes), round(result.folds["n_train"].mean())) / 1e12
     rows = [[f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
              f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{cost:.1f}", f"{minutes:.1f}"]]
@@ -145,6 +147,7 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
     for the members alone, over every member)."""
     members = members or folds
     dataset = prepare_data(cfg)
+    cfg = adapt(cfg, dataset, round(len(dataset.manifest) * (folds - 1) / folds))
     outer = assign_folds(dataset.manifest, folds, cfg.seed + 1)
     scores = [holdout_scores(recipe, cfg, dataset, pd.Series(outer == i, index=dataset.manifest.index), members,
                              members_of, f" (held-out part {i + 1}/{folds})" if outer_folds > 1 else "")

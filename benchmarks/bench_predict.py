@@ -30,6 +30,7 @@ from torchvision import transforms
 
 from benchmarks.common import free_port, machine, synthetic_set
 from smids_ml import tracking
+from smids_ml.adapt import MAX_SIDE
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, scan
 from smids_ml.models import build_for
@@ -37,8 +38,8 @@ from smids_ml.predict import predict_inputs
 from smids_ml.serving import load_classifier
 
 IMAGES = 500
-DEFAULT = TrainConfig()
-IMAGE_SIZE = DEFAULT.image_size
+IMAGE_SIZE = MAX_SIDE  # the defaults' input on SMIDS-sized crops
+DEFAULT = TrainConfig(image_size=IMAGE_SIZE, channels=3)
 ENSEMBLE = 5
 SINGLE_REQUESTS = 100
 BATCH = 32
@@ -48,7 +49,7 @@ TARGET_P50_MS = 30.0
 
 def log_untrained_model(data: Path, store: Path, members: int = 1) -> str:
     """The pyfunc exactly as training (or cv, for an ensemble) logs it, with fresh weights; its model URI."""
-    cfg = TrainConfig(data=str(data))
+    cfg = DEFAULT.replace(data=str(data))
     class_root, frame = scan(data)
     dataset = Dataset(class_root, frame, sorted(set(frame["label"])))
     networks = [build_for(cfg, len(dataset.classes)) for _ in range(members)]

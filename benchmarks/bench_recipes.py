@@ -36,7 +36,7 @@ def main(images: int, recipes: str, num_threads: int) -> None:
             result = train(cfg, experiment="bench-recipes", run_name=name)
             run = mlflow.get_run(result.run_id)
             seconds.append(sum(e["epoch_seconds"] for e in result.history.epochs))
-            rows.append([name, cfg.epochs, f"{run.data.metrics['train_tflop']:.2f}", seconds[-1],
+            rows.append([name, result.cfg.epochs, f"{run.data.metrics['train_tflop']:.2f}", seconds[-1],
                          f"{seconds[-1] / seconds[0]:.3f}"])
     print(table(["recipe", "epochs", "TFLOP", "epoch seconds (sum)", f"vs {names[0]}"], rows))
     for name, spent in zip(names[1:], seconds[1:]):

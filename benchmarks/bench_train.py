@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import machine, original_loader, synthetic_set, table
+from smids_ml.adapt import MAX_SIDE
 from smids_ml.compute import step_flops
 from smids_ml.config import MODELS, TrainConfig
 from smids_ml.data import Batches, build_dataset, load_tensors
@@ -112,7 +113,7 @@ def main() -> None:
         n, seconds = train_rate(build(name, 3, channels=3), batches, ZOO_BATCHES)
         rows.append([f"zoo: {name} 3 ch ({ZOO_BATCHES} batches)", n, seconds, n / seconds, "", ""])
 
-    size = TrainConfig().image_size
+    size = MAX_SIDE  # the input side the defaults choose on SMIDS
     with tempfile.TemporaryDirectory() as cache:
         small = load_tensors(dataset, size, 3, "pad", Path(cache))
     native = "native bf16" if cpu_has_native_bf16() else "no native bf16 on this CPU"

@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "original": {"channels": 1, "resize": "stretch", "image_size": 112, "model": "improved_cnn", "dropout_rate": 0.35,
                  "epochs": 50, "patience": 10, "lr": 1e-4, "optimizer": "Adam", "weight_decay": 0.0,
                  "scheduler": "cosine", "label_smoothing": 0.0, "monitor": "valid_acc", "rotation": 30.0,
-                 "scale_shift": 0.0, "valid_frac": 0.09, "test_frac": 0.21},
+                 "scale_shift": 0.0, "valid_frac": 0.09, "test_frac": 0.21, "class_weights": "none"},
 }
 
 
@@ -51,8 +51,8 @@ ADDED_LATER: dict[str, Any] = {"tta": "none", "progressive_start": 0.0, "orienta
                                "class_weights": "none"}
 
 
-def _opt(default, help, choices=None, tunable=True):
-    return field(default=default, metadata={"help": help, "choices": choices, "tunable": tunable})
+def _opt(default, help, choices=None, tunable=True, cli=True):
+    return field(default=default, metadata={"help": help, "choices": choices, "tunable": tunable, "cli": cli})
 
 
 @dataclass
@@ -75,8 +75,10 @@ class TrainConfig:
     test_frac: float = _opt(0.15, "Fraction of images held out for the test split.", tunable=False)
     strict: bool = _opt(False, "Fail on any unreadable image instead of skipping it.", tunable=False)
     # input
-    image_size: int = _opt(96, "Side of the square network input, in pixels.")
-    channels: int = _opt(3, "3 keeps the stain colour (recommended for SMIDS); 1 is grayscale as in the original study.", (1, 3))
+    image_size: int = _opt(0, "Side of the square network input, in pixels. 0: from the data, the crops' median side "
+                              "rounded to 8 px, between 32 and 96 (96 on SMIDS).")
+    channels: int = _opt(0, "3 keeps the stain colour; 1 is grey (as the original study). 0: from the data, 1 when "
+                            "every sampled crop is grey, else 3.", (0, 1, 3))
     resize: str = _opt("pad", "pad keeps the aspect ratio (head shape is the signal); stretch distorts it as the original study did.", ("pad", "stretch"))
     augment: bool = _opt(True, "Random rotation, flips, small scale and shift, brightness/contrast and colour balance "
                                "on training batches.")
@@ -106,7 +108,8 @@ class TrainConfig:
                  ("conv", "pool", "patch", "overlap"))
     dropout_rate: float = _opt(0.2, "Dropout before the classifier.")
     # optimisation
-    epochs: int = _opt(155, "Number of epochs (the schedule spans them all).")
+    epochs: int = _opt(0, "Number of epochs (the schedule spans them all). 0: from the data: at least 155 epochs "
+                          "and 6,975 optimizer steps (155 epochs of a SMIDS fold), so a small set trains longer.")
     patience: int = _opt(0, "Stop after this many epochs without improvement of --monitor (0: never stop early, "
                             "so a decaying schedule always finishes).")
     batch: int = _opt(32, "Batch size.")
@@ -119,10 +122,11 @@ class TrainConfig:
                           ("onecycle", "linear", "cosine", "none"))
     warmup_epochs: float = _opt(2.0, "Warm-up length of the onecycle schedule, in epochs (kept shorter than the run).")
     label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy loss.")
-    class_weights: str = _opt("none", "Weights of the classes in the loss: balanced weighs each class by the inverse of "
+    class_weights: str = _opt("auto", "Weights of the classes in the loss: balanced weighs each class by the inverse of "
                                       "its share of the training images (every class counts as much in total), sqrt by "
-                                      "the square root of that (half-way), none weighs every image alike.",
-                              ("none", "sqrt", "balanced"))
+                                      "the square root of that (half-way), none weighs every image alike; auto: sqrt "
+                                      "when the largest class is 1.5 times the smallest or more, else none.",
+                              ("auto", "none", "sqrt", "balanced"))
     mixup: float = _opt(0.0, "MixUp alpha: each training batch is blended with a shifted copy of itself, labels too, "
                              "by a Beta(alpha, alpha) weight (0: off).")
     ema: float = _opt(0.0, "Decay per step of an exponential moving average of the weights (and batch-norm statistics), "
@@ -139,6 +143,8 @@ class TrainConfig:
                                   "networks where it measures faster (smids_resnet, resnet18); fp32 elsewhere.",
                           PRECISIONS, tunable=False)
     num_threads: int = _opt(0, "Torch CPU threads (0: torch's default).", tunable=False)
+    # filled by smids_ml.adapt, not a flag: what was read off the data, with the reasons
+    adapted: str = _opt("", "The values decided from the data, with their reasons.", tunable=False, cli=False)
 
     def validate(self) -> "TrainConfig":
         """Raise SmidsError on the first bad value, before anything is created. Numbers given as text
@@ -152,7 +158,7 @@ class TrainConfig:
                 except (TypeError, ValueError):
                     raise SmidsError(f"--{f.name.replace('_', '-')} must be a number, got {value!r}") from None
         checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.epochs >= 0, f"--epochs must be at least 1 (0: from the data), got {self.epochs}"),
             (self.patience >= 0, f"--patience must be 0 or more, got {self.patience}"),
             (self.batch >= 1, f"--batch must be at least 1, got {self.batch}"),
             (self.lr > 0, f"--lr must be greater than 0, got {self.lr}"),
@@ -171,8 +177,8 @@ class TrainConfig:
                                                              f"0.5, got {self.scale_shift} × {self.augment_strength}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.width >= 4, f"--width must be at least 4, got {self.width}"),
-            (16 <= self.image_size <= MAX_IMAGE_SIZE, f"--image-size must be between 16 and {MAX_IMAGE_SIZE} pixels, got "
-                                                       f"{self.image_size}"),
+            (self.image_size == 0 or 16 <= self.image_size <= MAX_IMAGE_SIZE,
+             f"--image-size must be between 16 and {MAX_IMAGE_SIZE} pixels (0: from the data), got {self.image_size}"),
             (0 <= self.progressive_start <= 1, f"--progressive-start must be in [0, 1] (a fraction of --image-size; 0 "
                                                f"is off), got {self.progressive_start}"),
             (0 <= self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
@@ -249,7 +255,7 @@ def config_options(defaults: dict[str, Any] | None = None):
     `config_from_options` too)."""
 
     def decorate(command):
-        for f in reversed(fields(TrainConfig)):
+        for f in reversed([f for f in fields(TrainConfig) if f.metadata["cli"]]):
             default = (defaults or {}).get(f.name, f.default)
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata["help"]

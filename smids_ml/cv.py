@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from smids_ml import SmidsError, tracking
+from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stops_cleanly
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches, stratified_groups
@@ -76,6 +77,7 @@ class CVResult:
     folds: pd.DataFrame  # one row per fold: run id, sizes, best epoch and test metrics
     summary: dict[str, float]
     networks: list  # the fold models, in fold order
+    cfg: TrainConfig  # as trained: with the values decided from the data
     out_of_fold: pd.DataFrame  # every image's prediction by the fold model that never saw it, with its fold
     model_uri: str | None = None  # the ensemble, when logged
     version: str | None = None  # its registered version
@@ -89,6 +91,8 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     scanning `cfg.data` again."""
     dataset = dataset or prepare_data(cfg)
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
+    # decided once for every fold, from the images a fold model trains on
+    cfg = adapt(cfg, dataset, round(len(dataset.manifest) * (folds - 1) / folds * (1 - cfg.valid_frac)))
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tracking.process_tags(), nested=nested) as parent:
         tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
@@ -116,7 +120,8 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
         pooled = pd.concat([frame for frame, _ in out_of_fold], ignore_index=True)
         _, predictions = log_evaluation(pooled, dataset.root, dataset.classes,
                                         np.concatenate([p for _, p in out_of_fold]), prefix="cv_oof", folder="out_of_fold")
-        result = CVResult(parent.info.run_id, table, summary, networks, predictions.assign(fold=pooled["fold"].to_numpy()))
+        result = CVResult(parent.info.run_id, table, summary, networks, cfg,
+                          predictions.assign(fold=pooled["fold"].to_numpy()))
         if register_as:
             result.model_uri = tracking.log_model([(n, cfg) for n in networks], dataset).model_uri
             result.version = tracking.register(result.model_uri, register_as, alias, tags={

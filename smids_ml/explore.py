@@ -13,7 +13,9 @@ import mlflow
 import pandas as pd
 
 from smids_ml import plots, tracking
-from smids_ml.data import CheckReport, check, open_image, scan
+from smids_ml.adapt import adapt
+from smids_ml.config import TrainConfig
+from smids_ml.data import CheckReport, Dataset, check, open_image, scan
 from smids_ml.train import use_experiment
 
 
@@ -74,9 +76,14 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> 
         f"{r.width}x{r.height} ({r.images})" for r in resolutions.head(5).itertuples(index=False)))
     for line in report.lines():
         click.echo(line)
+    # what train's defaults decide from this data (on its default training part), printed by adapt
+    defaults = TrainConfig()
+    adapted = adapt(defaults, Dataset(class_root, report.frame.assign(split="train"), list(counts["label"])),
+                    round(len(report.frame) * (1 - defaults.test_frac))).adapted if len(report.frame) else ""
     use_experiment(experiment)
     with mlflow.start_run(run_name="explore") as run:
-        tracking.log_new_params({"data_root": str(class_root), "class_names": ",".join(counts["label"])})
+        tracking.log_new_params({"data_root": str(class_root), "class_names": ",".join(counts["label"]),
+                                 "defaults_adapted": adapted})
         mlflow.log_metrics({k: v for k, v in facts.items()})
         tracking.log_frame(counts, "explore/class_counts.csv")
         tracking.log_frame(resolutions, "explore/resolutions.csv")
@@ -94,7 +101,7 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> 
         tracking.log_figure(resolution_figure(report.frame), "explore/resolution_scatter.png")
         tracking.log_figure(sample_grid(report, class_root), "explore/samples.png")
     click.echo(f"logged to run {run.info.run_id}")
-    return {"run_id": run.info.run_id, **facts}
+    return {"run_id": run.info.run_id, "adapted": adapted, **facts}
 
 
 @click.command("explore")

@@ -173,6 +173,8 @@ def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35,
 def build_for(cfg, num_classes: int, pretrained: bool = False) -> nn.Module:
     """The network a TrainConfig describes, wrapped for test-time averaging with --tta d4; ImageNet weights
     only for a training run that asks for them (a trained model's weights replace them anyway)."""
+    if not (cfg.channels and cfg.image_size):
+        raise ValueError("the config still leaves its channels or input size to the data: pass it through adapt()")
     network = build(cfg.model, num_classes, cfg.channels, cfg.dropout_rate, cfg.image_size, pretrained, cfg.width,
                     cfg.stem)
     return D4Average(network) if cfg.tta == "d4" else network

@@ -24,6 +24,7 @@ import torch
 
 from smids_ml import SmidsError
 from smids_ml import plots, tracking
+from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
 from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
 from smids_ml.console import steps, stop_if_signalled, stops_cleanly
@@ -40,6 +41,7 @@ class TrainResult:
     history: History
     network: torch.nn.Module
     dataset: Dataset
+    cfg: TrainConfig | None = None  # as trained: with the values decided from the data
     model_uri: str | None = None
     version: str | None = None
     networks: list = dataclasses.field(default_factory=list)  # every member; [network] for a single model
@@ -77,8 +79,10 @@ def use_experiment(name: str | None) -> None:
 
 
 def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bool = True) -> TrainResult:
-    """Train inside the active MLflow run, logging params, epoch metrics, artifacts and the model."""
+    """Train inside the active MLflow run, logging params, epoch metrics, artifacts and the model. Fields left to
+    the data are decided here unless the caller did (`adapt`)."""
     run = mlflow.active_run()
+    cfg = adapt(cfg, dataset)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -99,7 +103,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
 
         history = fit(network, batches, cfg, device, len(dataset.classes), callbacks=[tracking.epoch_logger, show, *callbacks])
     log_outcome(history, network, batches["valid"], dataset, cfg, device)
-    result = TrainResult(run.info.run_id, history, network, dataset)
+    result = TrainResult(run.info.run_id, history, network, dataset, cfg)
     if log_model:
         result.model_uri = tracking.log_model([(network, cfg)], dataset).model_uri
     return result
@@ -137,6 +141,7 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     recipe) the result's history and network are the first member's; `networks` holds them all."""
     configs = member_configs(cfg, members, member_models, member_recipes)
     dataset = dataset or prepare_data(cfg)
+    configs = [adapt(c, dataset) for c in configs]
     use_experiment(experiment)
     members = len(configs)
     with mlflow.start_run(run_name=run_name):
@@ -201,7 +206,7 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
                              **({"member_recipes": ",".join(recipes)} if recipes else {})})
     log_split_and_config(dataset, cfg)
     model_uri = tracking.log_model([(r.network, member) for r, member in zip(results, configs)], dataset).model_uri
-    return TrainResult(run.info.run_id, first.history, first.network, dataset, model_uri,
+    return TrainResult(run.info.run_id, first.history, first.network, dataset, cfg, model_uri,
                        networks=[r.network for r in results])
 
 

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 
 from smids_ml import SmidsError, tracking
 from smids_ml import finalists as final
+from smids_ml.adapt import adapt
 from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import stops_cleanly
@@ -76,6 +77,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         grid_of(space)
     lock = functools.partial(study_lock, storage, study_name)
     dataset = prepare_data(base)
+    base = adapt(base, dataset)  # every trial starts from the values decided from the data; the space overrides them
     halving = pruner == "halving"
     rungs = len(rung_epochs(base.epochs, eta, rungs)) if halving else 1
     search = Search(base, space, dataset, keep=ensemble_top, rungs=rungs, eta=eta, halving=halving)

@@ -123,7 +123,7 @@ def trained_model(mlflow_server, synth_data, session_tmp):
     cfg = TrainConfig(data=str(synth_data), **TINY).validate()
     result = train(cfg, experiment="fixture-trained-model", register_as="tiny", alias="champion")
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    return {"result": result, "config": cfg, "name": "tiny", "version": result.version,
+    return {"result": result, "config": result.cfg, "name": "tiny", "version": result.version,
             "uri": f"models:/tiny/{result.version}", "tracking_uri": mlflow_server}
 
 

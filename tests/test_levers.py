@@ -34,6 +34,7 @@ def test_progressive_training_runs_the_early_epochs_smaller_and_logs_each_epochs
     cfg = TrainConfig(data=str(synth_data), **{**TINY, "model": "smids_resnet", "epochs": 4, "image_size": 48,
                                                "progressive_start": 0.67}).validate()
     result = train(cfg, experiment=tracking)
+    cfg = result.cfg  # with the channels decided from the data
     assert [e["image_size"] for e in result.history.epochs] == [32, 40, 48, 48]
     history = MlflowClient().get_metric_history(result.run_id, "image_size")
     assert [m.value for m in history] == [32, 40, 48, 48]
@@ -69,7 +70,7 @@ def test_linear_schedule_warms_up_then_falls_in_a_straight_line_to_zero():
 
 def test_d4_averaging_is_invariant_to_the_squares_symmetries_and_trains_on_one_view():
     torch.manual_seed(0)
-    cfg = TrainConfig(model="smids_resnet", image_size=32, tta="d4", width=8)
+    cfg = TrainConfig(model="smids_resnet", image_size=32, channels=3, tta="d4", width=8)
     network = build_for(cfg, 3)
     assert isinstance(network, D4Average)
     network.eval()
@@ -112,7 +113,7 @@ def test_flop_count_agrees_with_a_hand_count():
     linear = 2 * 256 * 5
     # backward: the weight gradients of both layers and the linear layer's input gradient (the images need none)
     assert step_flops(network, 3, 8) == conv + linear + conv + 2 * linear
-    cfg = TrainConfig(model="smids_resnet", image_size=32, epochs=3, width=8)
+    cfg = TrainConfig(model="smids_resnet", image_size=32, channels=3, epochs=3, width=8)
     assert training_flops(cfg, 3, 10) == pytest.approx(3 * 10 * step_flops(build_for(cfg, 3), 3, 32))
 
 
@@ -159,14 +160,17 @@ def test_preset_fast_is_the_plain_stem_at_64_px_for_150_epochs_with_test_time_av
 
 def test_preset_long_is_the_previous_defaults_at_five_times_the_compute_of_todays():
     long, default = TrainConfig.from_preset("long"), TrainConfig()
-    assert (long.stem, long.image_size, long.epochs, long.tta) == ("conv", 96, 200, "none")
+    assert (long.stem, long.epochs, long.tta) == ("conv", 200, "none")
     changed = {k for k, v in long.to_dict().items() if v != default.to_dict()[k]}
     assert changed == {"preset", "stem", "epochs"}
+    # on a SMIDS fold (colour crops of ~176 px, ~1,440 training crops) the defaults choose 96 px, 3 channels, 155 epochs
+    smids_fold = {"image_size": 96, "channels": 3}
+    default, long = default.replace(**smids_fold, epochs=155), long.replace(**smids_fold)
     assert training_flops(default, 3, 1000) <= training_flops(long, 3, 1000) / 5
 
 
 def test_a_pooled_stem_runs_every_stage_at_a_quarter_of_the_positions_for_a_quarter_of_their_compute():
-    plain, pooled = (build_for(TrainConfig(image_size=64, width=8, stem=stem), 3).eval() for stem in ("conv", "pool"))
+    plain, pooled = (build_for(TrainConfig(image_size=64, channels=3, width=8, stem=stem), 3).eval() for stem in ("conv", "pool"))
     x = torch.randn(2, 3, 64, 64)
     assert plain.features(x).shape[-1] == 4 and pooled.features(x).shape[-1] == 2
     stem_flops = 2 * 32 * 32 * 8 * 27  # forward of the stem at half the side; the rest shrinks fourfold
@@ -181,7 +185,7 @@ def test_a_pooled_stem_runs_every_stage_at_a_quarter_of_the_positions_for_a_quar
     ("overlap", 7, [[1, 2], [1, 3], [2, 2], [2, 3]]),  # 7×7 windows at stride 4: two rows and two columns of them
 ])
 def test_a_stride_4_stem_reaches_the_pooled_stems_map_in_one_convolution(stem, kernel, reached):
-    pooled, strided = (build_for(TrainConfig(image_size=64, width=8, stem=s), 3).eval() for s in ("pool", stem))
+    pooled, strided = (build_for(TrainConfig(image_size=64, channels=3, width=8, stem=s), 3).eval() for s in ("pool", stem))
     x = torch.randn(2, 3, 64, 64)
     first = strided.features[0]
     assert (first.kernel_size, first.stride) == ((kernel, kernel), (4, 4))
@@ -198,7 +202,7 @@ def test_a_stride_4_stem_reaches_the_pooled_stems_map_in_one_convolution(stem, k
 def test_the_fused_optimizer_takes_the_same_step_as_torchs_loop_over_parameters():
     from smids_ml.engine import make_optimizer
     for name in ("AdamW", "Adam", "SGD"):
-        cfg = TrainConfig(optimizer=name, image_size=32, width=8)
+        cfg = TrainConfig(optimizer=name, image_size=32, channels=3, width=8)
         models = [build_for(cfg, 3).eval() for _ in range(2)]  # eval: no dropout draws to tell them apart
         models[1].load_state_dict(models[0].state_dict())
         fused, looped = make_optimizer(models[0], cfg), make_optimizer(models[1], cfg)

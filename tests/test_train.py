@@ -189,7 +189,7 @@ def test_mlflow_run_with_a_preset_logs_the_values_that_trained(tracking, synth_d
     mlflow_run("train", tracking, {**TINY, "data": synth_data, "preset": "original"}, ROOT)
     run = mlflow.search_runs(experiment_names=[tracking]).iloc[0]
     # mlflow run logged every -P default; the preset's values are what trained, and are logged beside them
-    assert run["params.preset"] == "original" and run["params.channels"] == "3"
+    assert run["params.preset"] == "original" and run["params.channels"] == "0"
     assert run["params.effective_channels"] == "1" and run["params.effective_resize"] == "stretch"
     assert run["params.image_size"] == "32" and "params.effective_image_size" not in run  # explicit -P wins
     config = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run["run_id"],
