@@ -48,7 +48,13 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 EXPERIMENT = "smids-ml-bench-accuracy"
 
 
-HEADERS = ["recipe", "accuracy", "macro F1", "TFLOP/model", "min/fold"]
+HEADERS = ["recipe", "accuracy", "macro F1", "MCC", "TFLOP/model", "min/fold"]
+
+
+def spread(values) -> str:
+    """mean ± sample standard deviation, 4 decimals (the mean alone for one value)."""
+    values = list(values)
+    return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
 
 
 def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list[list], pd.DataFrame, float]:
@@ -62,8 +68,8 @@ def cv_row(recipe: str, cfg: TrainConfig, folds: int) -> tuple[list[list], pd.Da
     s = result.summary
     cfg = result.cfg
     cost = training_flops(cfg, len(dataset.classes), round(result.folds["n_train"].mean())) / 1e12
-    rows = [[f"{recipe} ({folds}-fold CV)", f"{s['cv_test_accuracy_mean']:.4f} ± {s['cv_test_accuracy_std']:.4f}",
-             f"{s['cv_test_f1_macro_mean']:.4f} ± {s['cv_test_f1_macro_std']:.4f}", f"{cost:.1f}", f"{minutes:.1f}"]]
+    rows = [[f"{recipe} ({folds}-fold CV)", spread(result.folds["test_accuracy"]), spread(result.folds["test_f1_macro"]),
+             spread(result.folds["test_mcc"]), f"{cost:.1f}", f"{minutes:.1f}"]]
     if cfg.tta != "none":
         rows.append(single_view_row(cfg, folds, dataset, result.networks) + [f"{cost:.1f}", ""])
     return rows, result.out_of_fold, cost
@@ -78,9 +84,8 @@ def single_view_row(cfg: TrainConfig, folds: int, dataset: Dataset, networks: li
         targets = part.part("test")["label"].map({c: i for i, c in enumerate(part.classes)}).to_numpy()
         probs = fold_probabilities(network.network, part, cfg)
         scores.append(classification_metrics(targets, probs, "test"))
-    acc, f1 = [m["test_acc"] for m in scores], [m["test_f1"] for m in scores]
-    return ["  the same fold models, one view (no test-time averaging)", f"{np.mean(acc):.4f} ± {np.std(acc, ddof=1):.4f}",
-            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}"]
+    return ["  the same fold models, one view (no test-time averaging)", spread(m["test_acc"] for m in scores),
+            spread(m["test_f1"] for m in scores), spread(m["test_mcc"] for m in scores)]
 
 
 def recipes_ensemble_row(names: list[str], out_of_fold: list[pd.DataFrame], tflops: list[float]) -> list:
@@ -97,12 +102,14 @@ def recipes_ensemble_row(names: list[str], out_of_fold: list[pd.DataFrame], tflo
     folds = first["fold"].to_numpy()
     per_fold = [classification_metrics(targets[folds == k], probs[folds == k], "test") for k in np.unique(folds)]
     acc, f1 = [m["test_acc"] for m in per_fold], [m["test_f1"] for m in per_fold]
+    mcc = [m["test_mcc"] for m in per_fold]
     with mlflow.start_run(run_name=f"bench ensemble of {' & '.join(names)} (out-of-fold)"):
-        mlflow.log_metrics({"cv_ensemble_accuracy_mean": float(np.mean(acc)), "cv_ensemble_f1_macro_mean": float(np.mean(f1))})
+        mlflow.log_metrics({"cv_ensemble_accuracy_mean": float(np.mean(acc)), "cv_ensemble_f1_macro_mean": float(np.mean(f1)),
+                            "cv_ensemble_mcc_mean": float(np.mean(mcc))})
         tracking.log_frame(predictions_frame(first.reset_index(), classes, probs).assign(fold=folds), "predictions.csv")
     return [f"ensemble of the {len(names)} recipes (mean of their out-of-fold probabilities: one model of each, "
-            f"none saw the crop), {len(np.unique(folds))}-fold", f"{np.mean(acc):.4f} ± {np.std(acc, ddof=1):.4f}",
-            f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1):.4f}", f"{sum(tflops):.1f}", ""]
+            f"none saw the crop), {len(np.unique(folds))}-fold", spread(acc), spread(f1), spread(mcc),
+            f"{sum(tflops):.1f}", ""]
 
 
 def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Series, members: int, members_of: str,
@@ -136,7 +143,8 @@ def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Ser
                             "holdout_images": len(targets)})
     trained_on = len(rest.manifest) * ((members - 1) / members if members_of == "folds" else 1)
     return {"member_acc": [m["holdout_acc"] for m in alone], "member_f1": [m["holdout_f1"] for m in alone],
-            "acc": mean["holdout_acc"], "f1": mean["holdout_f1"], "images": len(targets), "minutes": minutes,
+            "member_mcc": [m["holdout_mcc"] for m in alone],
+            "acc": mean["holdout_acc"], "f1": mean["holdout_f1"], "mcc": mean["holdout_mcc"], "images": len(targets), "minutes": minutes,
             "tflop": training_flops(cfg, len(dataset.classes), round(trained_on)) / 1e12}
 
 
@@ -158,20 +166,18 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
     described = (f"{members} fold models of CV on the rest" if members_of == "folds"
                  else f"{members} seeds trained on all the rest")
 
-    def spread(values: list[float]) -> str:
-        return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
-
     return [[f"its members ({described}), each alone, on {where}",
              spread([a for s in scores for a in s["member_acc"]]), spread([f for s in scores for f in s["member_f1"]]),
-             f"{np.mean([s['tflop'] for s in scores]):.1f}", f"{np.mean([s['minutes'] for s in scores]):.1f}"],
+             spread([m for s in scores for m in s["member_mcc"]]), f"{np.mean([s['tflop'] for s in scores]):.1f}", f"{np.mean([s['minutes'] for s in scores]):.1f}"],
             [f"{recipe}: {members}-model ensemble (mean of probabilities), {where}",
-             spread([s["acc"] for s in scores]), spread([s["f1"] for s in scores]),
+             spread([s["acc"] for s in scores]), spread([s["f1"] for s in scores]), spread([s["mcc"] for s in scores]),
              f"{members * np.mean([s['tflop'] for s in scores]):.1f}", ""]]
 
 
 @click.command()
-@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
-              help="Labelled real crops, one folder per class.")
+@click.option("--data", "data_sets", type=click.Path(path_type=Path), multiple=True, default=[DEFAULT_DATA],
+              show_default=True, help="Labelled real crops, one folder per class; give it again for more data sets "
+                                      "(one table each, the same recipes and folds).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--recipes", default="default,original", show_default=True,
               help=f"Comma-separated recipes: a preset ({', '.join(PRESETS)}) with optional +field=value "
@@ -190,19 +196,32 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
-def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str, members: int | None,
-         outer_folds: int, epochs: int | None, image_size: int | None, num_threads: int) -> None:
-    """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
-    if not data.is_dir():
-        raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "
-                         "(the benchmark needs real data; tests use synthetic sets)")
+def main(data_sets: tuple[Path, ...], folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str,
+         members: int | None, outer_folds: int, epochs: int | None, image_size: int | None, num_threads: int) -> None:
+    """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble: one table per data set."""
+    for data in data_sets:
+        if not data.is_dir():
+            raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "
+                             "(the benchmark needs real data; tests use synthetic sets)")
     overrides = {k: v for k, v in {"epochs": epochs, "image_size": image_size,
                                    "num_threads": num_threads or None}.items() if v is not None}
     names = [r.strip() for r in recipes.split(",") if r.strip()]
-    print(f"accuracy on {data}, {machine()}", flush=True)
     if ensemble and ensemble_of == "recipes" and (len(names) < 2 or not cv_rows or members or outer_folds > 1):
         raise SmidsError("--ensemble-of recipes averages the cross-validation rows of two or more --recipes: "
                          "it needs --cv, and takes no --members or --outer-folds")
+    if ensemble and ensemble_of != "recipes" and outer_folds > folds:
+        raise SmidsError(f"--outer-folds {outer_folds} is more than the {folds} parts of --folds")
+    tables = [(data, data_set_rows(data, names, overrides, folds, cv_rows, ensemble, ensemble_of, members, outer_folds))
+              for data in data_sets]
+    for data, rows in tables:
+        print(f"\n{data}")
+        print(table(HEADERS, rows))
+
+
+def data_set_rows(data: Path, names: list[str], overrides: dict, folds: int, cv_rows: bool, ensemble: bool,
+                  ensemble_of: str, members: int | None, outer_folds: int) -> list[list]:
+    """Every row of one data set's table, each recipe's printed as soon as it is measured."""
+    print(f"accuracy on {data}, {machine()}", flush=True)
     rows, out_of_fold, tflops = [], [], []
     for name in names if cv_rows else []:
         recipe_rows, predictions, cost = cv_row(name, recipe_config(name, data, overrides), folds)
@@ -213,12 +232,9 @@ def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, en
     if ensemble and ensemble_of == "recipes":
         rows.append(recipes_ensemble_row(names, out_of_fold, tflops))
     elif ensemble:
-        if outer_folds > folds:
-            raise SmidsError(f"--outer-folds {outer_folds} is more than the {folds} parts of --folds")
         rows += ensemble_rows(names[0], recipe_config(names[0], data, overrides), folds, ensemble_of, members,
                               outer_folds)
-    print()
-    print(table(HEADERS, rows))
+    return rows
 
 
 if __name__ == "__main__":

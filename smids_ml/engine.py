@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
@@ -163,14 +163,15 @@ def predict_proba(model: nn.Module, batches: Iterable, device: torch.device,
 
 
 def classification_metrics(targets: np.ndarray, probs: np.ndarray, prefix: str) -> dict:
-    """Loss, accuracy and macro precision/recall/F1 from probabilities."""
+    """Loss, accuracy, macro precision/recall/F1 and Matthews' correlation from probabilities."""
     predicted = probs.argmax(1)
     labels = list(range(probs.shape[1]))
     precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, labels=labels,
                                                                average="macro", zero_division=0)
     picked = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
     return {f"{prefix}_loss": float(-np.log(picked).mean()), f"{prefix}_acc": float(accuracy_score(targets, predicted)),
-            f"{prefix}_f1": float(f1), f"{prefix}_precision": float(precision), f"{prefix}_recall": float(recall)}
+            f"{prefix}_f1": float(f1), f"{prefix}_precision": float(precision), f"{prefix}_recall": float(recall),
+            f"{prefix}_mcc": float(matthews_corrcoef(targets, predicted))}
 
 
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device, prefix: str = "valid",

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import accuracy_score, log_loss, matthews_corrcoef, precision_recall_fscore_support, roc_auc_score
 
 from smids_ml import SmidsError, plots, tracking
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, check, load_manifest, load_tensors, open_image, scan
@@ -39,7 +39,7 @@ BOOTSTRAP_RESAMPLES = 1000
 GALLERY_SIZE = 18
 # Shown in the terminal, set as registered-version tags and tabulated by `compare` (after the split prefix).
 HEADLINE = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1_macro", "f1_macro_ci_low", "f1_macro_ci_high",
-            "precision_macro", "recall_macro", "roc_auc_macro", "log_loss", "ece")
+            "mcc", "precision_macro", "recall_macro", "roc_auc_macro", "log_loss", "ece")
 PER_CLASS = ("precision", "recall", "f1", "roc_auc")
 
 
@@ -85,14 +85,15 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str], 
     """Every metric of one evaluated set, named `<prefix>_<metric>` so runs line up in `mlflow ui`.
 
     ROC AUC is one-vs-rest per class; the macro value averages the classes present in `targets`
-    (a class with no image has no ROC curve).
+    (a class with no image has no ROC curve). MCC (Matthews' correlation, multi-class) is 0 for a model that
+    always answers the majority class, whatever the balance: the figure to read beside accuracy on imbalanced sets.
     """
     predicted = probs.argmax(1)
     labels = list(range(len(classes)))
     precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, labels=labels, average=None,
                                                                zero_division=0)
     out = {"accuracy": accuracy_score(targets, predicted), "precision_macro": precision.mean(),
-           "recall_macro": recall.mean(), "f1_macro": f1.mean(),
+           "recall_macro": recall.mean(), "f1_macro": f1.mean(), "mcc": matthews_corrcoef(targets, predicted),
            "log_loss": log_loss(targets, probs, labels=labels),
            "ece": expected_calibration_error(calibration_bins(probs.max(1), predicted == targets))}
     out.update(bootstrap_ci(targets, predicted, len(classes)))

@@ -93,3 +93,13 @@ def assert_one_line_error(result, *fragments: str, exit_code: int = 1) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def grey_imbalanced_set(root, synth_data, side: int = 48, counts=(14, 6)):
+    """Two classes of grey crops `side` px square, `counts` of each, drawn from the synthetic set."""
+    sources = sorted(synth_data.rglob("*.bmp"))
+    for name, count, offset in zip(("Abnormal", "Normal"), counts, (0, 20)):
+        (root / name).mkdir(parents=True)
+        for i, source in enumerate(sources[offset:offset + count]):
+            Image.open(source).convert("L").resize((side, side)).save(root / name / f"{name}_{i}.png")
+    return root

@@ -6,23 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from PIL import Image
 
 from smids_ml.adapt import BASE_EPOCHS, BASE_STEPS, MAX_SIDE, adapt
 from smids_ml.config import TrainConfig
 from smids_ml.data import build_dataset
 from smids_ml.engine import class_weights
-from tests.helpers import invoke
-
-
-def grey_imbalanced_set(root, synth_data, side: int = 48, counts=(14, 6)):
-    """Two classes of grey crops `side` px square, `counts` of each, drawn from the synthetic set."""
-    sources = sorted(synth_data.rglob("*.bmp"))
-    for name, count, offset in zip(("Abnormal", "Normal"), counts, (0, 20)):
-        (root / name).mkdir(parents=True)
-        for i, source in enumerate(sources[offset:offset + count]):
-            Image.open(source).convert("L").resize((side, side)).save(root / name / f"{name}_{i}.png")
-    return root
+from tests.helpers import grey_imbalanced_set, invoke
 
 
 def test_a_small_grey_imbalanced_set_adapts_channels_size_length_and_class_weights(tmp_path, synth_data):

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from benchmarks.bench_accuracy import EXPERIMENT, main
 from tests.conftest import TINY
+from tests.helpers import grey_imbalanced_set
 
 RECIPE = "default+" + "+".join(f"{k}={v}" for k, v in {**TINY, "valid_frac": 0.0}.items())
 
@@ -67,3 +68,18 @@ def test_ensemble_of_recipes_needs_two_recipes_and_their_cv_rows(synth_data):
     result = CliRunner().invoke(main, ["--data", str(synth_data), "--recipes", RECIPE, "--ensemble-of", "recipes"])
     assert result.exit_code != 0
     assert "--ensemble-of recipes averages the cross-validation rows of two or more --recipes" in result.output
+
+
+def test_several_data_sets_get_a_table_each_with_mcc_beside_accuracy(tracking, synth_data, tmp_path):
+    grey = grey_imbalanced_set(tmp_path / "grey", synth_data, counts=(10, 6))
+    result = CliRunner().invoke(main, ["--data", str(synth_data), "--data", str(grey), "--recipes",
+                                       "default+epochs=2+image_size=32+model=improved_cnn", "--folds", "2", "--no-ensemble"])
+    assert result.exit_code == 0, result.output
+    summary = result.output[result.output.rindex(f"\n{synth_data}\n"):].splitlines()
+    headers = [i for i, line in enumerate(summary) if line.startswith("recipe")]
+    assert len(headers) == 2 and summary[headers[1] - 1] == str(grey)
+    for i in headers:
+        assert summary[i].split()[:5] == ["recipe", "accuracy", "macro", "F1", "MCC"]
+        row = summary[i + 2]
+        assert row.startswith("default+epochs=2+image_size=32+model=improved_cnn (2-fold CV)")
+        assert len([cell for cell in row.split("  ") if "±" in cell]) == 3  # accuracy, macro F1 and MCC over folds
