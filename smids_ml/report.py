@@ -34,6 +34,7 @@ from PIL import Image
 from scipy.optimize import nnls
 
 from smids_ml import SmidsError, plots
+from smids_ml.console import Command
 from smids_ml.data import IMAGE_EXTENSIONS, open_image, printable
 from smids_ml.evaluate import ModelSource, latest_evaluation, resolve_model
 from smids_ml.explain import explain
@@ -361,7 +362,7 @@ def make_report(model_uri: str, folder: Path, out: Path, one_sample: bool = Fals
     return report
 
 
-@click.command("report")
+@click.command("report", cls=Command)
 @click.argument("model_uri")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True,

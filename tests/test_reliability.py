@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -214,3 +215,80 @@ def test_an_interrupted_study_logs_no_figures_and_stops(tracking, monkeypatch):
         log_study(study, "valid_f1")
     logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert logged == {"study_summary.csv"}  # what the study has, without the minutes of figure drawing
+
+
+# --------------------------------------------------------------------------- refused before anything exists
+
+
+@pytest.mark.parametrize("flags", [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "inf"],
+                                   ["--warmup-epochs", "inf"]])
+def test_a_flag_that_is_not_a_finite_number_is_one_line_before_any_run(synth_data, tracking, flags):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, *flags])
+    assert_one_line_error(result, f"{flags[0]} must be a finite number")
+    assert mlflow.get_experiment_by_name(tracking) is None
+
+
+def test_a_training_whose_weights_diverge_fails_its_run_and_keeps_no_model(synth_data, tracking):
+    name = f"diverged-{time.time_ns()}"
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, "--optimizer", "SGD",
+                     "--lr", "1e30", "--register-as", name])
+    assert_one_line_error(result, "training diverged at epoch 1", "lower --lr")
+    [run] = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    assert run.info.status == "FAILED"
+    experiment = mlflow.get_experiment_by_name(tracking).experiment_id
+    assert len(mlflow.search_logged_models(experiment_ids=[experiment])) == 0
+    assert MlflowClient().search_registered_models(filter_string=f"name = '{name}'") == []
+
+
+def test_predict_gives_a_model_that_answers_nan_an_error_row_not_a_blank_confidence(trained_model, synth_data, tracking):
+    from smids_ml.tracking import log_model
+
+    result = trained_model["result"]
+    broken = copy.deepcopy(result.network)
+    with torch.no_grad():
+        for parameter in broken.parameters():
+            parameter.fill_(float("nan"))
+    mlflow.set_experiment(tracking)
+    with mlflow.start_run():
+        uri = log_model([(broken, trained_model["config"])], result.dataset).model_uri
+    crop = synth_data / "Normal_Sperm" / "Normal_Sperm (2).bmp"
+    predicted = invoke(["predict", uri, str(crop)])
+    assert predicted.exit_code == 1 and "Traceback" not in predicted.output, predicted.output
+    assert "0 predicted, 1 failed" in predicted.output and "not a number (NaN)" in predicted.output
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "tune"])
+def test_a_registry_name_mlflow_refuses_is_one_line_before_any_run(synth_data, tracking, tmp_path, command):
+    storage = tmp_path / "optuna.journal"
+    extra = ["--storage", str(storage)] if command == "tune" else []
+    result = invoke([command, "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, *extra,
+                     "--register-as", "a/b:c"])
+    assert_one_line_error(result, "--register-as 'a/b:c'", "cannot contain '/' or ':'")
+    assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_any_run(synth_data, tracking):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, "--device", "cuda"])
+    assert_one_line_error(result, "--device cuda: no CUDA device")
+    assert mlflow.get_experiment_by_name(tracking) is None
+
+
+@pytest.mark.parametrize("flags", [["--n-trials", "-1"], ["--timeout", "-5"]])
+def test_tune_refuses_a_negative_count_before_any_study(synth_data, tracking, tmp_path, flags):
+    storage = tmp_path / "optuna.journal"
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage),
+                     *TINY_FLAGS, *flags])
+    assert_one_line_error(result, f"Invalid value for '{flags[0]}'")
+    assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
+
+
+@pytest.mark.parametrize("args", [["train", "--model", "bogus"], ["train", "--lr", "abc"], ["train", "--stem", "wide"],
+                                  ["train", "--tta", "bogus"], ["train", "--members", "0"], ["cv", "--folds", "1"],
+                                  ["bogus"]])
+def test_a_usage_error_is_one_line_and_exit_1_like_every_refusal(args, tracking):
+    result = invoke([*args, "--experiment", tracking])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and "--help" in result.stderr
+    assert mlflow.get_experiment_by_name(tracking) is None
