@@ -371,3 +371,14 @@ def test_ensemble_top_needs_finalists_off(tracking, synth_data, tmp_path):
     result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(tmp_path / "j"),
                      "--ensemble-top", "2", "--finalists", "2"])
     assert_one_line_error(result, "--ensemble-top", "--finalists 0")
+
+
+def test_the_defaults_trial_of_a_halving_study_is_tagged_on_its_runs(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "halving", "params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n")
+    storage = tmp_path / "optuna.journal"
+    tune(tracking, synth_data, storage, "--sampler", "tpe", "--space", space, "--epochs", "3", "--pruner", "halving",
+         "--model", "improved_cnn", "--lr", "0.002", "--n-trials", "2", "--study-name", "halving", "--register-as", "")
+    study = load(storage, "halving")
+    assert study.trials[0].user_attrs["smids_ml.defaults"] and len(study.trials) == 2
+    runs = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.`smids_ml.defaults` = 'true'")
+    assert len(runs) >= 1 and set(runs["tags.optuna.trial"]) == {"0"}, runs
