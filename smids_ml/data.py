@@ -160,9 +160,11 @@ def canonical_class(name: str) -> str:
     return CLASS_ALIASES.get(name, name)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files by extension; links that lead nowhere are listed too, so the data report names them."""
-    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS)
+def files_under(folder: Path, extensions=IMAGE_EXTENSIONS, recursive: bool = True) -> list[Path]:
+    """Files by extension, sorted; links that lead nowhere or loop are listed too, so whoever reads them reports
+    them (the data report, an error row of `predict` or `report`) instead of losing them without a word."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if (p.is_file() or p.is_symlink()) and p.suffix.lower() in extensions)
 
 
 def _class_folders(folder: Path) -> dict[str, list[Path]]:
@@ -220,7 +222,7 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Pat
         folders = {canonical_class(c): folders[canonical_class(c)] for c in classes}
     rows = []
     for label, spellings in folders.items():
-        for file in (f for folder in spellings for f in _image_files(folder)):
+        for file in (f for folder in spellings for f in files_under(folder)):
             rel = file.relative_to(class_root).as_posix()
             if printable(rel) != rel:  # bytes the file system could not decode: no manifest can hold the name
                 click.echo(f"skipped {printable(rel)}: the file name is not valid UTF-8; rename the file to use it", err=True)

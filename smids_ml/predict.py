@@ -25,7 +25,7 @@ from PIL import Image
 
 from smids_ml import SmidsError
 from smids_ml.console import Command, progress
-from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, open_image, printable
+from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, files_under, open_image, printable
 from smids_ml.serving import load_classifier
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
@@ -56,8 +56,7 @@ def expand(inputs: Iterable[str]) -> list[tuple[str, str | None]]:
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
-            out += [(str(p), None) for p in files] or [(text, "folder holds no image or video files")]
+            out += [(str(p), None) for p in files_under(path, wanted)] or [(text, "folder holds no image or video files")]
         elif path.exists():
             out.append((text, None))
         elif any(ch in text for ch in "*?["):

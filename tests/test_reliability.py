@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -292,3 +293,49 @@ def test_a_usage_error_is_one_line_and_exit_1_like_every_refusal(args, tracking)
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("Error: ") and "--help" in result.stderr
     assert mlflow.get_experiment_by_name(tracking) is None
+
+
+# --------------------------------------------------------------------------- no crop lost by predict or report
+
+
+def _links_that_fail(folder):
+    os.symlink("nowhere.png", folder / "dangling.png")
+    os.symlink("loop-b.png", folder / "loop-a.png")
+    os.symlink("loop-a.png", folder / "loop-b.png")
+
+
+def test_predict_gives_links_that_fail_inside_a_folder_their_own_rows(trained_model, synth_data, tmp_path):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    shutil.copy(synth_data / "Normal_Sperm" / "Normal_Sperm (2).bmp", folder / "good.bmp")
+    _links_that_fail(folder)
+    out = tmp_path / "predictions.csv"
+    result = invoke(["predict", trained_model["uri"], str(folder), "--output", str(out)])
+    assert result.exit_code == 1 and "1 predicted, 3 failed" in result.output, result.output
+    table = pd.read_csv(out).set_index("path")
+    assert pd.isna(table.loc[str(folder / "good.bmp"), "error"])
+    for name in ("dangling.png", "loop-a.png", "loop-b.png"):
+        assert table.loc[str(folder / name), "error"].startswith("cannot be read"), table
+
+
+def test_report_counts_a_dangling_link_keeps_loose_crops_apart_and_uploads_only_its_files(trained_model, synth_data,
+                                                                                           tracking, tmp_path):
+    root = tmp_path / "samples"
+    crops = sorted((synth_data / "Normal_Sperm").iterdir())
+    for where, picked in ((root, crops[:2]), (root / "samples", crops[2:5])):  # a sub-folder named like ROOT
+        where.mkdir(parents=True, exist_ok=True)
+        for crop in picked:
+            shutil.copy(crop, where / crop.name)
+    os.symlink("nowhere.bmp", root / "samples" / "dangling.bmp")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "unrelated.txt").write_text("not the report's")
+    result = invoke(["report", trained_model["uri"], str(root), "--out", str(out), "--experiment", tracking])
+    assert result.exit_code == 0, result.output
+    samples = {s["sample"]: s for s in json.loads((out / "report.json").read_text())["samples"]}
+    assert {name: (s["n_crops"], s["n_unreadable"]) for name, s in samples.items()} == {
+        "samples (top level)": (2, 0), "samples": (3, 1)}
+    assert set(pd.read_csv(out / "predictions.csv")["sample"]) == {"samples (top level)", "samples"}
+    [run] = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    assert {a.path for a in MlflowClient().list_artifacts(run.info.run_id)} == {"report.json", "predictions.csv",
+                                                                                "report.html"}
