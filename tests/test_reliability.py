@@ -339,3 +339,46 @@ def test_report_counts_a_dangling_link_keeps_loose_crops_apart_and_uploads_only_
     [run] = mlflow.search_runs(experiment_names=[tracking], output_format="list")
     assert {a.path for a in MlflowClient().list_artifacts(run.info.run_id)} == {"report.json", "predictions.csv",
                                                                                 "report.html"}
+
+
+# --------------------------------------------------------------------------- images as cameras write them, II
+
+
+def test_signed_twelve_bit_two_channel_multi_page_and_gif_images_are_read_right_and_named(tmp_path, tracking):
+    import tifffile
+
+    root = make_dataset(tmp_path / "data", per_class=6)
+    folder = root / "Normal_Sperm"
+    rng = np.random.default_rng(5)
+    signed = rng.integers(-128, 128, (30, 40), dtype=np.int8)
+    signed[0, 0] = -57
+    tifffile.imwrite(folder / "signed.tif", signed)
+    twelve = rng.integers(0, 4096, (30, 40), dtype=np.uint16)
+    twelve[0, :2] = (0, 4095)
+    tifffile.imwrite(folder / "twelve.tif", twelve)
+    Image.fromarray(twelve).save(folder / "twelve.png")
+    tifffile.imwrite(folder / "two-channels.tif", rng.integers(0, 256, (30, 40, 2), dtype=np.uint8),
+                     photometric="minisblack", planarconfig="contig")
+    pages = [Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)) for _ in range(3)]
+    pages[0].save(folder / "pages.tif", save_all=True, append_images=pages[1:])
+    pages[1].save(folder / "animated.gif", save_all=True, append_images=pages[2:])
+    (folder / "broken\nname.png").write_bytes(b"\x89PNG not really")
+
+    pixels = np.asarray(open_image(folder / "signed.tif"))
+    assert pixels[0, 0] == -57 + 128 and (pixels == signed.astype(np.int16) + 128).all()
+    for name in ("twelve.tif", "twelve.png"):
+        expected = np.rint(twelve * (255 / 4095)).astype(np.uint8)
+        assert (np.asarray(open_image(folder / name)) == expected).all(), name
+
+    result = invoke(["explore", str(root), "--experiment", tracking])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for expected in ("signed 8-bit pixels shifted by 128 to 0-255: Normal_Sperm/signed.tif",
+                     "12-bit values in a 16-bit image, scaled by 12 bits: Normal_Sperm/twelve.tif",
+                     "12-bit values in a 16-bit image, scaled by 12 bits: Normal_Sperm/twelve.png",
+                     "the first of its 2 channels is used: Normal_Sperm/two-channels.tif",
+                     "the first of its 3 pages is used: Normal_Sperm/pages.tif",
+                     "the first of its 2 frames is used: Normal_Sperm/animated.gif"):
+        assert expected in lines, result.output
+    assert any(line.startswith("skipped Normal_Sperm/broken\\nname.png: ") for line in lines), result.output
+    assert ["Normal_Sperm", "12"] in [line.split() for line in lines], result.output  # 6 + 6 new, the broken one skipped
