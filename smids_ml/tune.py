@@ -82,7 +82,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     search = Search(base, space, dataset, keep=ensemble_top, rungs=rungs, eta=eta, halving=halving)
     planned = None
     if budget and sampler != "grid":
-        planned = search.plan = plan(budget, base, dataset, search.rungs, eta, finalists, folds, n_trials)
+        planned = search.plan = plan(budget, base, dataset, search.rungs, eta, finalists, folds, n_trials, space)
         click.echo(planned.line(), err=True)
         n_trials, search.rungs, finalists, folds = planned.trials, planned.rungs, planned.finalists, planned.folds
         timeout = min(timeout or planned.search_seconds, planned.search_seconds)
