@@ -1,6 +1,7 @@
 """smids-ml: sperm morphology image classification, tracked with MLflow and tuned with Optuna."""
 
 import os
+import signal
 import sys
 
 import click
@@ -24,7 +25,15 @@ def _one_line_interrupt(kind, value, traceback, _default=sys.excepthook):
         _default(kind, value, traceback)
 
 
+def _interrupt_at_startup(signum, frame):
+    raise KeyboardInterrupt
+
+
 sys.excepthook = _one_line_interrupt
+# SIGTERM while the libraries load says so too, instead of a silent exit 143; only in a command's own process
+# (`python -m smids_ml.X` or `smids-ml`), never in one that imports the package (a model server, the tests)
+if os.path.basename(sys.argv[0]) in ("-m", "smids-ml") and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _interrupt_at_startup)
 
 if not sys.stderr.isatty():  # progress bars only on a terminal
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

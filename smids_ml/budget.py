@@ -1,8 +1,11 @@
 """A tuning budget in minutes: how many trials, rungs, finalists and folds fit, on this machine.
 
-The cost of one full-length model is measured, not guessed: one real training epoch of the base recipe on the
-study's data (augmentation included), and its validation, give seconds per image, times the images and epochs
-of a trial. A
+The cost of one full-length model is measured, not guessed: one real training epoch on the study's data
+(augmentation included), and its validation, give seconds per image, times the images and epochs of a trial. The
+epoch is that of the costliest point the search space can draw (`costliest`: its largest input, widest network,
+most epochs, and the architecture and stem with the most counted FLOPs), not of the base recipe: a resnet18 at
+112 px takes several times the defaults' minutes, and a plan timed on the defaults left no time for the
+finalists. A
 trial under successive halving costs `rungs * model / eta**(rungs - 1)` on average (each rung's 1/eta of the
 trials trains eta times longer), the finalists `(finalists + 1) * folds` models on (folds-1)/folds of the
 training part, the refit one model on all of it. The plan keeps at most half the budget for the finalists and
@@ -89,9 +92,10 @@ class Plan:
     folds: int
     search_seconds: float
     deadline: float  # time.monotonic() at which the budget is spent
+    basis: str = "the base recipe"  # what the timed model was
 
     def line(self) -> str:
-        return (f"budget {self.minutes:g} min: one full-length model ~{self.model_minutes:.1f} min here; up to "
+        return (f"budget {self.minutes:g} min: one full-length model ~{self.model_minutes:.1f} min here ({self.basis}); up to "
                 f"{self.trials} trials over {self.rungs} rung(s) in {self.search_seconds / 60:.0f} min, then "
                 f"{self.finalists} finalist(s) (and the defaults) over {self.folds} folds and the refit")
 
@@ -99,15 +103,43 @@ class Plan:
         return max(0.0, (self.deadline - time.monotonic()) / 60)
 
 
+# the fields that set a training's compute: numbers where more is costlier, and choices to count
+COST_NUMBERS, COST_CHOICES = ("image_size", "width", "epochs", "channels"), ("model", "stem")
+
+
+def costliest(cfg: TrainConfig, space: dict) -> tuple[TrainConfig, str]:
+    """The point of `space` (around `cfg`) whose training costs most, and a few words naming it: the largest value
+    the space can draw of each of COST_NUMBERS, and of COST_CHOICES the combination with the most counted FLOPs
+    (`compute.training_flops`); the other searched fields keep cfg's value (they barely move the minutes)."""
+    from smids_ml.compute import training_flops
+
+    cfg = cfg.replace(**space["fixed"])
+    params = space["params"]
+    largest = {name: max(spec) if isinstance(spec, list) else spec["high"]
+               for name, spec in params.items() if name in COST_NUMBERS}
+    largest = {name: type(getattr(cfg, name))(value) for name, value in largest.items()}
+    choices = [[(name, value) for value in params[name]] for name in COST_CHOICES if isinstance(params.get(name), list)]
+    points = [cfg.replace(**largest, **dict(combo)).validate() for combo in itertools.product(*choices)]
+    point = max(points, key=lambda p: training_flops(p, 3, 1)) if len(points) > 1 else points[0]
+    searched = [name for name in (*COST_CHOICES, *COST_NUMBERS) if name in params]
+    if not searched:
+        return point, "the base recipe; the space does not change its cost"
+    return point, "the costliest point of the space: " + ", ".join(f"{n}={getattr(point, n)}" for n in searched)
+
+
 def plan(minutes: float, cfg: TrainConfig, dataset: Dataset, rungs: int, eta: int, finalists: int, folds: int,
-         max_trials: int | None) -> Plan:
-    """The plan for `cfg` on `dataset` here, from a measured training epoch (`plan_for`)."""
+         max_trials: int | None, space: dict | None = None) -> Plan:
+    """The plan for `cfg` (with `space`, for its costliest point) on `dataset` here, from a measured training epoch
+    (`plan_for`)."""
     started = time.monotonic()
+    cfg, basis = costliest(cfg, space) if space else (cfg, "the base recipe")
     per_image = seconds_per_image(cfg, dataset)
     train, valid = len(dataset.part("train")), len(dataset.part("valid"))
-    return plan_for(minutes, model_seconds(per_image, cfg.epochs, train, valid),
-                    model_seconds(per_image, cfg.epochs, train + valid, 0), rungs, eta, finalists, folds, max_trials,
-                    started)
+    planned = plan_for(minutes, model_seconds(per_image, cfg.epochs, train, valid),
+                       model_seconds(per_image, cfg.epochs, train + valid, 0), rungs, eta, finalists, folds, max_trials,
+                       started)
+    planned.basis = basis
+    return planned
 
 
 def plan_for(minutes: float, model: float, on_part: float, rungs: int, eta: int, finalists: int, folds: int,

@@ -6,6 +6,8 @@ import importlib
 
 import click
 
+from smids_ml.console import usage_error
+
 # name: (module, attribute, one-line help shown by `smids-ml --help` without importing torch or MLflow)
 COMMANDS = {
     "synth": ("smids_ml.synth", "main", "Write a synthetic SMIDS-like data set (for tests and demos)."),
@@ -33,6 +35,20 @@ class LazyGroup(click.Group):
             return None
         module, attribute, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise usage_error(exc, ctx) from None
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:  # no such command
+            raise usage_error(exc, ctx) from None
 
     def format_commands(self, ctx, formatter):
         with formatter.section("Commands"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -157,6 +158,8 @@ class TrainConfig:
                     setattr(self, f.name, kind(value))
                 except (TypeError, ValueError):
                     raise SmidsError(f"--{f.name.replace('_', '-')} must be a number, got {value!r}") from None
+            if kind is float and not math.isfinite(getattr(self, f.name)):  # inf passes every `>` check
+                raise SmidsError(f"--{f.name.replace('_', '-')} must be a finite number, got {value!r}")
         checks = [
             (self.epochs >= 0, f"--epochs must be at least 1 (0: from the data), got {self.epochs}"),
             (self.patience >= 0, f"--patience must be 0 or more, got {self.patience}"),
@@ -301,4 +304,8 @@ def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None
             values[f.name] = value
     preset = values.pop("preset", "default")
     own = {k: v for k, v in (defaults or {}).items() if k not in PRESETS.get(preset, {})}
-    return TrainConfig.from_preset(preset, **{**own, **values}).validate()
+    cfg = TrainConfig.from_preset(preset, **{**own, **values}).validate()
+    from smids_ml.engine import resolve_device  # torch: checked here, with the flags, so no run is created first
+
+    resolve_device(cfg.device)
+    return cfg

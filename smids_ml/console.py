@@ -44,6 +44,26 @@ def steps(label: str, length: int):
         yield _Lines(label)
 
 
+def usage_error(exc: click.UsageError, ctx: click.Context) -> click.ClickException:
+    """A usage error (unknown choice, bad type, out-of-range number, missing argument, unknown command) as every
+    other refusal is: one `Error: ...` line and exit 1, not click's usage block and exit 2."""
+    from smids_ml import SmidsError
+
+    return SmidsError(f"{' '.join(exc.format_message().split()).rstrip('.')} (see '{ctx.command_path} --help')")
+
+
+class Command(click.Command):
+    """The commands' class (`@click.command(cls=Command)`): usage errors are one line (`usage_error`)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise usage_error(exc, ctx) from None
+
+
 _signalled = False
 
 

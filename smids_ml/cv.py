@@ -23,7 +23,7 @@ import pandas as pd
 from smids_ml import SmidsError, tracking
 from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig, config_from_options, config_options
-from smids_ml.console import stops_cleanly
+from smids_ml.console import Command, stops_cleanly
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches, stratified_groups
 from smids_ml.engine import predict_proba, resolve_device, resolve_precision
 from smids_ml.evaluate import HEADLINE, log_evaluation
@@ -89,6 +89,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     """Train and test `folds` models in nested runs of one parent run (or `mlflow run`'s run; itself nested in
     the active run with `nested`); with `register_as`, log and register their ensemble. `dataset` skips
     scanning `cfg.data` again."""
+    tracking.check_registry_names(register_as, alias)
     dataset = dataset or prepare_data(cfg)
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
     # decided once for every fold, from the images a fold model trains on
@@ -130,7 +131,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     return result
 
 
-@click.command("cv")
+@click.command("cv", cls=Command)
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="Number of folds; each is the test set once. A --valid-frac part (none by default) is carved "
                    "from the other folds; --test-frac is not used.")

@@ -28,7 +28,7 @@ from smids_ml.console import progress
 
 SMIDS_CLASSES = ("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm")
 CLASS_ALIASES = {"Non_Sperm": "Non-Sperm", "Non Sperm": "Non-Sperm", "NonSperm": "Non-Sperm"}
-IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif"}
 MAX_PIXELS = 40_000_000  # per image; larger ones are refused before decoding (decompression bombs)
 MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "bytes", "split"]
 CACHE_FORMAT = 1  # bump when prepare_image changes, so stale caches are rebuilt
@@ -43,7 +43,8 @@ class ImageError(ValueError):
 
 def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode an image fully (path or bytes), refusing empty, truncated, non-image and oversized input;
-    pixels wider than 8 bits come back as 8-bit with their full range (`to_8bit`)."""
+    pixels wider than 8 bits come back as 8-bit with their full range (`to_8bit`). What the data report should
+    say about a conversion is in `image.info["note"]`."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError("empty input (0 bytes)")
@@ -76,15 +77,30 @@ EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """8-bit pixels with the full range of wider ones (Pillow's own convert clips 16-bit grey to white):
-    16-bit grey scaled by its bit depth; 32-bit integers by the depth their values use (8 or 16 bits),
-    else by their own range; floats in [0, 1] by 255, other floats by their own range. A scaling by the
-    image's own range is noted in `image.info["scaled"]` for the data report. 16-bit RGB TIFFs arrive
+    """8-bit pixels with the full range of wider ones (Pillow's own convert clips 16-bit grey to white), with a
+    note for the data report (`info["note"]`) wherever the reading is not the obvious one:
+    16-bit grey scaled by the bits its values use (12, as microscope cameras write them, or 16); signed 8-bit
+    TIFF shifted by 128 (Pillow reads it as unsigned: -57 would be 199); 32-bit integers by the depth their values
+    use (8 or 16 bits), else by their own range; floats in [0, 1] by 255, other floats by their own range; of a
+    multi-page or two-channel TIFF (or an animated GIF) only the first page or channel. 16-bit RGB TIFFs arrive
     here as 8-bit already (Pillow keeps their high bytes)."""
-    if image.mode in EIGHT_BIT_MODES:
-        return image
-    if image.mode.startswith("I;16"):
-        values = np.asarray(image).astype(np.float64) / 257
+    notes = []
+    tags = getattr(image, "tag_v2", {})  # TIFF only
+    if getattr(image, "n_frames", 1) > 1:
+        notes.append(f"the first of its {image.n_frames} {'frames' if image.format == 'GIF' else 'pages'} is used")
+    if tags.get(277) == 2:  # SamplesPerPixel
+        notes.append("the first of its 2 channels is used")
+    if image.mode == "L" and 2 in np.atleast_1d(tags.get(339, 1)):  # SampleFormat 2: signed integers
+        converted = Image.fromarray(np.asarray(image) ^ np.uint8(0x80), "L")  # two's complement: -128..127 → 0..255
+        notes.append("signed 8-bit pixels shifted by 128 to 0-255")
+    elif image.mode in EIGHT_BIT_MODES:
+        converted = image
+    elif image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.float64)
+        bits = 12 if values.size and values.max() < 4096 else 16
+        if bits == 12:
+            notes.append("12-bit values in a 16-bit image, scaled by 12 bits")
+        converted = Image.fromarray(np.rint(values * (255 / (2 ** bits - 1))).astype(np.uint8), "L")
     elif image.mode in ("I", "F"):
         values = np.asarray(image).astype(np.float64)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
@@ -99,12 +115,13 @@ def to_8bit(image: Image.Image) -> Image.Image:
         else:
             kind = "float" if image.mode == "F" else "32-bit integer"
             values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
-            converted = Image.fromarray(np.rint(values).astype(np.uint8), "L")
-            converted.info["scaled"] = f"scaled by its own range ({kind} pixels {low:g} to {high:g})"
-            return converted
+            notes.append(f"scaled by its own range ({kind} pixels {low:g} to {high:g})")
+        converted = Image.fromarray(np.rint(values).astype(np.uint8), "L")
     else:
         raise ImageError(f"pixel mode {image.mode} cannot be converted to 8-bit colour faithfully")
-    return Image.fromarray(np.rint(values).astype(np.uint8), "L")
+    if notes:
+        converted.info["note"] = "; ".join(notes)
+    return converted
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -156,13 +173,21 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def escaped(name: str) -> str:
+    """A file name for a one-line entry of the data report: as `printable`, and a newline or another control
+    character as its escape (\\n, \\x1b), so that one entry stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in printable(name))
+
+
 def canonical_class(name: str) -> str:
     return CLASS_ALIASES.get(name, name)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files by extension; links that lead nowhere are listed too, so the data report names them."""
-    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS)
+def files_under(folder: Path, extensions=IMAGE_EXTENSIONS, recursive: bool = True) -> list[Path]:
+    """Files by extension, sorted; links that lead nowhere or loop are listed too, so whoever reads them reports
+    them (the data report, an error row of `predict` or `report`) instead of losing them without a word."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if (p.is_file() or p.is_symlink()) and p.suffix.lower() in extensions)
 
 
 def _class_folders(folder: Path) -> dict[str, list[Path]]:
@@ -220,7 +245,7 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Pat
         folders = {canonical_class(c): folders[canonical_class(c)] for c in classes}
     rows = []
     for label, spellings in folders.items():
-        for file in (f for folder in spellings for f in _image_files(folder)):
+        for file in (f for folder in spellings for f in files_under(folder)):
             rel = file.relative_to(class_root).as_posix()
             if printable(rel) != rel:  # bytes the file system could not decode: no manifest can hold the name
                 click.echo(f"skipped {printable(rel)}: the file name is not valid UTF-8; rename the file to use it", err=True)
@@ -243,9 +268,9 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)  # merged class folders, images scaled by their own range
 
     def lines(self) -> list[str]:
-        out = [f"skipped {path}: {reason}" for path, reason in self.problems] + self.notes
-        out += [f"duplicates (kept in one split): {', '.join(g)}" for g in self.duplicates]
-        out += [f"label conflict (excluded): {', '.join(g)}" for g in self.conflicts]
+        out = [f"skipped {escaped(path)}: {reason}" for path, reason in self.problems] + self.notes
+        out += [f"duplicates (kept in one split): {', '.join(map(escaped, g))}" for g in self.duplicates]
+        out += [f"label conflict (excluded): {', '.join(map(escaped, g))}" for g in self.conflicts]
         return out
 
 
@@ -253,7 +278,7 @@ def describe_file(path: Path) -> dict:
     """Decode one file and describe it; raises ImageError."""
     image = open_image(path)
     return {"hash": pixel_hash(image), "width": image.width, "height": image.height,
-            "bytes": path.stat().st_size, **({"scaled": image.info["scaled"]} if "scaled" in image.info else {})}
+            "bytes": path.stat().st_size, **({"note": image.info["note"]} if "note" in image.info else {})}
 
 
 def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckReport:
@@ -270,8 +295,8 @@ def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckR
             except ImageError as exc:
                 problems.append((row.path, str(exc)))
                 continue
-            if "scaled" in described:
-                notes.append(f"{described.pop('scaled')}: {row.path}")
+            if "note" in described:
+                notes.append(f"{described.pop('note')}: {escaped(row.path)}")
             rows.append({"path": row.path, "label": row.label, **described})
     if problems and strict:
         path, reason = problems[0]

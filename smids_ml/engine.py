@@ -6,6 +6,7 @@ Callbacks see each epoch's metrics; a callback may raise (Optuna's pruning does)
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
+from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
 from smids_ml.models import FIXED_INPUT_MODELS
 
@@ -33,7 +35,6 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from smids_ml import SmidsError
         raise SmidsError("--device cuda: no CUDA device is available here; use --device auto or cpu")
     return torch.device(name)
 
@@ -180,6 +181,19 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, prefix: 
     return classification_metrics(targets, probs, prefix)
 
 
+class Diverged(SmidsError):
+    """The loss or the weights stopped being finite numbers: such a model predicts NaN, so nothing may keep it."""
+
+
+def check_finite(epoch: int, loss: float, model: nn.Module) -> None:
+    """Raise Diverged when the epoch's loss or any weight or buffer (batch-norm statistics) is not finite."""
+    broken = not math.isfinite(loss) or any(not torch.isfinite(t).all() for t in model.state_dict().values()
+                                             if t.is_floating_point())
+    if broken:
+        raise Diverged(f"training diverged at epoch {epoch}: train_loss {loss:.4g}, the weights are no longer finite "
+                       "numbers (lower --lr); no model was kept")
+
+
 @dataclass
 class History:
     """Per-epoch metrics and the epoch whose weights were kept."""
@@ -228,6 +242,7 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
         batches["train"].size = sizes[epoch - 1]
         metrics = train_one_epoch(model, batches["train"], optimizer, criterion, device, precision,
                                   scheduler if per_step else None, mix, ema)
+        check_finite(epoch, metrics["train_loss"], kept)
         if validating:
             metrics.update(evaluate(kept, batches["valid"], device, "valid", precision))
         metrics.update(lr=lr, image_size=sizes[epoch - 1], epoch_seconds=time.perf_counter() - start)

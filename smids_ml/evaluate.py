@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from sklearn.metrics import accuracy_score, log_loss, matthews_corrcoef, precision_recall_fscore_support, roc_auc_score
 
 from smids_ml import SmidsError, plots, tracking
+from smids_ml.console import Command
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, check, load_manifest, load_tensors, open_image, scan
 from smids_ml.explain import explain, side_by_side
 from smids_ml.serving import load_classifier, one_line
@@ -322,7 +323,7 @@ def summary(metrics: dict[str, float], classes: list[str], prefix: str) -> str:
     return "\n".join(lines) + "\n\n" + per_class.to_string(float_format="{:.4f}".format)
 
 
-@click.command("evaluate")
+@click.command("evaluate", cls=Command)
 @click.argument("model_uri")
 @click.option("--data", default=None, help="Data root (default: the one the model's training run used).")
 @click.option("--split-manifest", default=None,
@@ -372,7 +373,7 @@ def compare_table(uris: list[str]) -> pd.DataFrame:
                                        *(f"test_{m}" for m in HEADLINE)])
 
 
-@click.command("compare")
+@click.command("compare", cls=Command)
 @click.argument("model_uris", nargs=-1, required=True)
 @click.option("--output", default="compare.csv", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the table as CSV.")

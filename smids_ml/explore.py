@@ -15,6 +15,7 @@ import pandas as pd
 from smids_ml import plots, tracking
 from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig
+from smids_ml.console import Command
 from smids_ml.data import CheckReport, Dataset, check, open_image, scan
 from smids_ml.train import use_experiment
 
@@ -104,7 +105,7 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> 
     return {"run_id": run.info.run_id, "adapted": adapted, **facts}
 
 
-@click.command("explore")
+@click.command("explore", cls=Command)
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("--classes", default=None, help="Comma-separated class folders (default: every class folder found).")
 @click.option("--experiment", default="smids-ml-explore", show_default=True, help="MLflow experiment name.")

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from smids_ml import SmidsError
-from smids_ml.console import progress
-from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, open_image, printable
+from smids_ml.console import Command, progress
+from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, files_under, open_image, printable
 from smids_ml.serving import load_classifier
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
@@ -56,8 +56,7 @@ def expand(inputs: Iterable[str]) -> list[tuple[str, str | None]]:
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
-            out += [(str(p), None) for p in files] or [(text, "folder holds no image or video files")]
+            out += [(str(p), None) for p in files_under(path, wanted)] or [(text, "folder holds no image or video files")]
         elif path.exists():
             out.append((text, None))
         elif any(ch in text for ch in "*?["):
@@ -123,7 +122,11 @@ def _run(model, pending: list[Sample]) -> list[Sample]:
     good = [s for s in pending if s.error is None]
     if good:
         for sample, probs in zip(good, model.probabilities(torch.stack([s.image for s in good]))):
-            sample.probs, sample.image = probs, None
+            sample.image = None
+            if np.isfinite(probs).all():
+                sample.probs = probs
+            else:  # weights that diverged to NaN: no label, and the exit status says it failed
+                sample.error = "the model's output is not a number (NaN): its weights are not finite"
     return pending
 
 
@@ -198,7 +201,7 @@ def write(table: pd.DataFrame, path: Path) -> None:
         raise SmidsError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-@click.command("predict")
+@click.command("predict", cls=Command)
 @click.argument("model_uri")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--output", default=None, help="Also write the predictions to this .csv or .json file.")

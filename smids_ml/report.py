@@ -34,7 +34,8 @@ from PIL import Image
 from scipy.optimize import nnls
 
 from smids_ml import SmidsError, plots
-from smids_ml.data import IMAGE_EXTENSIONS, open_image, printable
+from smids_ml.console import Command
+from smids_ml.data import IMAGE_EXTENSIONS, files_under, open_image, printable
 from smids_ml.evaluate import ModelSource, latest_evaluation, resolve_model
 from smids_ml.explain import explain
 from smids_ml.predict import predict_inputs
@@ -42,6 +43,7 @@ from smids_ml.serving import load_classifier, one_line
 from smids_ml.train import use_experiment
 
 DEFAULT_EXPERIMENT = "smids-ml-report"
+REPORT_FILES = ("report.json", "predictions.csv", "report.html")
 Z95 = 1.959964
 BOOTSTRAP_RESAMPLES = 2000
 DISCLAIMER = ("A research tool, not a diagnostic one: its classes follow the labels of the model's training data "
@@ -167,19 +169,18 @@ def sample_figures(predicted: pd.Series, classes: list[str], roles: Roles, adjus
 
 def find_samples(folder: Path, one_sample: bool = False) -> dict[str, list[Path]]:
     """Sample name → its crop files: one sample per sub-folder (crops found recursively), and the crops lying
-    directly in FOLDER as one sample named after it; with `one_sample`, everything under FOLDER is one sample."""
+    directly in FOLDER as one sample named after it (`NAME (top level)` when a sub-folder has that name too); with
+    `one_sample`, everything under FOLDER is one sample. Dangling and looping links are listed: their rows say why."""
     if not folder.is_dir():
         raise SmidsError(f"{folder}: no such folder")
 
-    def images(where: Path, recursive: bool) -> list[Path]:
-        found = where.rglob("*") if recursive else where.iterdir()
-        return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
+    name = folder.resolve().name
     if one_sample:
-        samples = {folder.resolve().name: images(folder, True)}
+        samples = {name: files_under(folder)}
     else:
-        samples = {folder.resolve().name: images(folder, False)}
-        samples.update({printable(sub.name): images(sub, True) for sub in sorted(folder.iterdir()) if sub.is_dir()})
+        samples = {printable(sub.name): files_under(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()}
+        loose = f"{name} (top level)" if name in samples else name  # a sub-folder named like FOLDER keeps its name
+        samples = {loose: files_under(folder, recursive=False), **samples}
     samples = {name: files for name, files in samples.items() if files}
     if not samples:
         raise SmidsError(f"{folder}: holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
@@ -361,7 +362,7 @@ def make_report(model_uri: str, folder: Path, out: Path, one_sample: bool = Fals
     return report
 
 
-@click.command("report")
+@click.command("report", cls=Command)
 @click.argument("model_uri")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
@@ -388,7 +389,8 @@ def main(model_uri, folder, out, one_sample, review_below, normal_class, evaluat
         mlflow.log_params({"model_uri": model_uri, "folder": str(folder.resolve()), "samples": len(report["samples"]),
                            "review_below": review_below,
                            "evaluation_run_id": (report["adjustment"] or {}).get("evaluation_run_id", "")})
-        mlflow.log_artifacts(str(out))
+        for name in REPORT_FILES:  # only the report's own files: --out may be a folder that holds others
+            mlflow.log_artifact(str(out / name))
     for s in report["samples"]:
         line = f"{s['sample']}: {s['n_crops']} crops"
         if report["normal_class"]:

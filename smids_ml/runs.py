@@ -14,6 +14,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from smids_ml.console import Command
 from smids_ml.tracking import HOST_TAG, PID_TAG, process_is_gone
 
 
@@ -34,7 +35,7 @@ def fail_run(run_id: str) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
-@click.command("runs")
+@click.command("runs", cls=Command)
 @click.option("--fix-stale", is_flag=True, help="Mark RUNNING runs whose process (on this machine) is gone as FAILED.")
 def main(fix_stale: bool) -> None:
     """List RUNNING runs and whether their process is alive; --fix-stale ends the dead ones as FAILED."""

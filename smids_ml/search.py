@@ -22,6 +22,7 @@ from smids_ml import tracking
 from smids_ml.config import TrainConfig
 from smids_ml.console import stop_if_signalled
 from smids_ml.data import Dataset
+from smids_ml.engine import Diverged
 from smids_ml.rungs import (DEFAULT_ETA, EPOCHS_ATTR, RUNG_TAG, RUNGS_ATTR, carry, record, rung_epochs,
                             rungs_of_failed, step_of)
 from smids_ml.spaces import suggest
@@ -100,6 +101,10 @@ class Search:
             except optuna.TrialPruned as pruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 stopped = pruned  # raised once the run has ended FINISHED: a pruned run keeps its metrics
+            except Diverged as diverged:  # a point of the space that cannot train: pruned, so no retry repeats it
+                mlflow.set_tag("optuna.state", "PRUNED")
+                click.echo(f"trial {trial.number}: {diverged}", err=True)
+                stopped = optuna.TrialPruned(str(diverged))
             except BaseException:
                 mlflow.set_tag("optuna.state", "FAIL")
                 raise

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from smids_ml import SmidsError
+from smids_ml.console import Command
 
 
 def check_backend(uri: str) -> None:
@@ -30,7 +31,7 @@ def check_backend(uri: str) -> None:
         raise SmidsError(f"cannot reach the backend store {uri}: {reason}") from None
 
 
-@click.command("server")
+@click.command("server", cls=Command)
 @click.option("--backend-store-uri", default="sqlite:///mlflow-server.db", show_default=True,
               help="Runs and registry: a SQLite file or a postgresql://user@host/db URL.")
 @click.option("--artifacts-destination", default="mlflow-artifacts", show_default=True,

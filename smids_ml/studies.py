@@ -138,7 +138,15 @@ def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def check_same_space(study: optuna.Study, space: dict) -> None:
-    """Optuna cannot change a parameter's choices within a study: say so before any trial starts."""
+    """A study keeps its space: another set of searched parameters would mix trials of two searches, and Optuna
+    cannot change a parameter's choices within a study. Say so before any trial starts."""
+    searched = {name for trial in study.get_trials(deepcopy=False) for name in trial.distributions}
+    if searched and searched != set(space["params"]):
+        added, dropped = sorted(set(space["params"]) - searched), sorted(searched - set(space["params"]))
+        raise SmidsError(f"study {study.study_name} searched {', '.join(sorted(searched))}; this space "
+                         + "; ".join(([f"adds {', '.join(added)}"] if added else [])
+                                     + ([f"drops {', '.join(dropped)}"] if dropped else []))
+                         + "; use a new --study-name for a different search space")
     for trial in study.get_trials(deepcopy=False):
         for name, distribution in trial.distributions.items():
             spec = space["params"].get(name)

@@ -28,6 +28,8 @@ import click
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from smids_ml.console import Command
+
 CLASSES = ("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm")
 
 # Share of abnormal cells with a single, weak defect: these make normal vs abnormal genuinely hard.
@@ -375,7 +377,7 @@ def data_or_synthetic(root, per_class: int = 100, seed: int = 0) -> tuple[pathli
         return target, True
 
 
-@click.command("synth")
+@click.command("synth", cls=Command)
 @click.argument("out", type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)

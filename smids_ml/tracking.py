@@ -190,6 +190,21 @@ def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Datas
             )
 
 
+def check_registry_names(name: str | None, alias: str | None) -> None:
+    """Refuse a --register-as or --alias the registry would refuse, with MLflow's own rules, before any training:
+    otherwise the whole training runs, then MLflow's traceback ends it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_name
+
+    for flag, value, validate in (("--register-as", name, _validate_model_name), ("--alias", alias,
+                                                                                 _validate_model_alias_name)):
+        if value:
+            try:
+                validate(value)
+            except MlflowException as exc:
+                raise SmidsError(f"{flag} {value!r}: {exc.message}") from None
+
+
 def register(model_uri: str, name: str, alias: str | None = None, tags: dict | None = None):
     """Register a model version, tag it and point `alias` at it."""
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})

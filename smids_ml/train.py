@@ -27,7 +27,7 @@ from smids_ml import plots, tracking
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
 from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
-from smids_ml.console import steps, stop_if_signalled, stops_cleanly
+from smids_ml.console import Command, steps, stop_if_signalled, stops_cleanly
 from smids_ml.data import MANIFEST_COLUMNS, SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build_for, count_parameters
@@ -139,6 +139,7 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     """Prepare data (unless given), train in a new (or `mlflow run`'s) run, optionally register the model.
     With several members (`members` seeds of each of `member_models` or `member_recipes`, default cfg's
     recipe) the result's history and network are the first member's; `networks` holds them all."""
+    tracking.check_registry_names(register_as, alias)
     configs = member_configs(cfg, members, member_models, member_recipes)
     dataset = dataset or prepare_data(cfg)
     configs = [adapt(c, dataset) for c in configs]
@@ -210,7 +211,7 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
                        networks=[r.network for r in results])
 
 
-@click.command("train")
+@click.command("train", cls=Command)
 @config_options()
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="MLflow run name.")

@@ -30,7 +30,7 @@ from smids_ml import finalists as final
 from smids_ml.adapt import adapt
 from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
 from smids_ml.config import TrainConfig, config_from_options, config_options
-from smids_ml.console import stops_cleanly
+from smids_ml.console import Command, stops_cleanly
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
 from smids_ml.rungs import DEFAULT_ETA, DEFAULT_RUNGS, rung_epochs
 from smids_ml.search import Search, echo_trial, log_study, run_grid
@@ -61,6 +61,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     winner is refit and registered (`finalists` module); with 0 the best trial's own weights are registered,
     or with `ensemble_top` > 1 the ensemble of the best trials. A `budget` in minutes (TPE and random) plans the
     trials, rungs, finalists and folds that fit it here (`budget` module); --n-trials then caps the trials."""
+    tracking.check_registry_names(register_as, alias)
     if finalists and ensemble_top > 1:
         raise SmidsError("--ensemble-top registers the best trials' own weights: use it with --finalists 0, or "
                          "--refit ensemble for the winning finalist's fold models")
@@ -83,7 +84,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
     search = Search(base, space, dataset, keep=ensemble_top, rungs=rungs, eta=eta, halving=halving)
     planned = None
     if budget and sampler != "grid":
-        planned = search.plan = plan(budget, base, dataset, search.rungs, eta, finalists, folds, n_trials)
+        planned = search.plan = plan(budget, base, dataset, search.rungs, eta, finalists, folds, n_trials, space)
         click.echo(planned.line(), err=True)
         n_trials, search.rungs, finalists, folds = planned.trials, planned.rungs, planned.finalists, planned.folds
         timeout = min(timeout or planned.search_seconds, planned.search_seconds)
@@ -186,13 +187,13 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
     return version
 
 
-@click.command("tune")
+@click.command("tune", cls=Command)
 @click.option("--sampler", type=click.Choice(["grid", "tpe", "random"]), default="tpe", show_default=True)
 @click.option("--space", default="broad", show_default=True,
               help=f"Named search space ({', '.join(SPACES)}) or a YAML/JSON file.")
-@click.option("--n-trials", type=int, default=None,
+@click.option("--n-trials", type=click.IntRange(min=0), default=None,
               help=f"Trials to run (0 or unset: the whole grid, or {DEFAULT_TPE_TRIALS} for tpe/random).")
-@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds (0: none).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after this many seconds (0: none).")
 @click.option("--pruner", type=click.Choice(["halving", "median", "hyperband", "none"]), default="halving",
               show_default=True,
               help="halving: successive halving over --rungs of complete, compressed schedules (epochs/eta², "

@@ -96,3 +96,17 @@ def test_a_budget_plans_the_study_and_a_too_small_one_is_refused(tracking, synth
                       "--study-name", "small", "--budget", "0.001"])
     assert_one_line_error(refused, "--budget 0.001 min cannot hold a search here", "give at least")
     assert "small" not in optuna.get_all_study_names(open_storage(str(storage)))
+
+
+def test_the_plan_times_the_costliest_point_of_the_space_and_says_so(tracking, synth_data, tmp_path):
+    from smids_ml.budget import costliest
+
+    text = "params:\n  model: [simple_cnn, improved_cnn]\n  image_size: [32, 48]\n  lr: {low: 0.0005, high: 0.005}\n"
+    point, basis = costliest(TrainConfig(image_size=32, model="improved_cnn"), load_space(space_file(tmp_path, "c", text)))
+    assert (point.model, point.image_size) == ("simple_cnn", 48)  # the more counted FLOPs of the two
+    storage = tmp_path / "optuna.journal"
+    result = tune(tracking, synth_data, storage, "--sampler", "tpe", "--space", space_file(tmp_path, "cost", text),
+                  "--epochs", "1", "--pruner", "none", "--model", "improved_cnn", "--n-trials", "1",
+                  "--study-name", "cost", "--register-as", "", "--budget", "5")
+    assert ("here (the costliest point of the space: model=simple_cnn, image_size=48); up to 1 trials"
+            in result.output), result.output

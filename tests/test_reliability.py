@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import signal
@@ -214,3 +216,179 @@ def test_an_interrupted_study_logs_no_figures_and_stops(tracking, monkeypatch):
         log_study(study, "valid_f1")
     logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert logged == {"study_summary.csv"}  # what the study has, without the minutes of figure drawing
+
+
+# --------------------------------------------------------------------------- refused before anything exists
+
+
+@pytest.mark.parametrize("flags", [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "inf"],
+                                   ["--warmup-epochs", "inf"]])
+def test_a_flag_that_is_not_a_finite_number_is_one_line_before_any_run(synth_data, tracking, flags):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, *flags])
+    assert_one_line_error(result, f"{flags[0]} must be a finite number")
+    assert mlflow.get_experiment_by_name(tracking) is None
+
+
+def test_a_training_whose_weights_diverge_fails_its_run_and_keeps_no_model(synth_data, tracking):
+    name = f"diverged-{time.time_ns()}"
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, "--optimizer", "SGD",
+                     "--lr", "1e30", "--register-as", name])
+    assert_one_line_error(result, "training diverged at epoch 1", "lower --lr")
+    [run] = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    assert run.info.status == "FAILED"
+    experiment = mlflow.get_experiment_by_name(tracking).experiment_id
+    assert len(mlflow.search_logged_models(experiment_ids=[experiment])) == 0
+    assert MlflowClient().search_registered_models(filter_string=f"name = '{name}'") == []
+
+
+def test_predict_gives_a_model_that_answers_nan_an_error_row_not_a_blank_confidence(trained_model, synth_data, tracking):
+    from smids_ml.tracking import log_model
+
+    result = trained_model["result"]
+    broken = copy.deepcopy(result.network)
+    with torch.no_grad():
+        for parameter in broken.parameters():
+            parameter.fill_(float("nan"))
+    mlflow.set_experiment(tracking)
+    with mlflow.start_run():
+        uri = log_model([(broken, trained_model["config"])], result.dataset).model_uri
+    crop = synth_data / "Normal_Sperm" / "Normal_Sperm (2).bmp"
+    predicted = invoke(["predict", uri, str(crop)])
+    assert predicted.exit_code == 1 and "Traceback" not in predicted.output, predicted.output
+    assert "0 predicted, 1 failed" in predicted.output and "not a number (NaN)" in predicted.output
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "tune"])
+def test_a_registry_name_mlflow_refuses_is_one_line_before_any_run(synth_data, tracking, tmp_path, command):
+    storage = tmp_path / "optuna.journal"
+    extra = ["--storage", str(storage)] if command == "tune" else []
+    result = invoke([command, "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, *extra,
+                     "--register-as", "a/b:c"])
+    assert_one_line_error(result, "--register-as 'a/b:c'", "cannot contain '/' or ':'")
+    assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_any_run(synth_data, tracking):
+    result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, "--device", "cuda"])
+    assert_one_line_error(result, "--device cuda: no CUDA device")
+    assert mlflow.get_experiment_by_name(tracking) is None
+
+
+@pytest.mark.parametrize("flags", [["--n-trials", "-1"], ["--timeout", "-5"]])
+def test_tune_refuses_a_negative_count_before_any_study(synth_data, tracking, tmp_path, flags):
+    storage = tmp_path / "optuna.journal"
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage),
+                     *TINY_FLAGS, *flags])
+    assert_one_line_error(result, f"Invalid value for '{flags[0]}'")
+    assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
+
+
+@pytest.mark.parametrize("args", [["train", "--model", "bogus"], ["train", "--lr", "abc"], ["train", "--stem", "wide"],
+                                  ["train", "--tta", "bogus"], ["train", "--members", "0"], ["cv", "--folds", "1"],
+                                  ["bogus"]])
+def test_a_usage_error_is_one_line_and_exit_1_like_every_refusal(args, tracking):
+    result = invoke([*args, "--experiment", tracking])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and "--help" in result.stderr
+    assert mlflow.get_experiment_by_name(tracking) is None
+
+
+# --------------------------------------------------------------------------- no crop lost by predict or report
+
+
+def _links_that_fail(folder):
+    os.symlink("nowhere.png", folder / "dangling.png")
+    os.symlink("loop-b.png", folder / "loop-a.png")
+    os.symlink("loop-a.png", folder / "loop-b.png")
+
+
+def test_predict_gives_links_that_fail_inside_a_folder_their_own_rows(trained_model, synth_data, tmp_path):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    shutil.copy(synth_data / "Normal_Sperm" / "Normal_Sperm (2).bmp", folder / "good.bmp")
+    _links_that_fail(folder)
+    out = tmp_path / "predictions.csv"
+    result = invoke(["predict", trained_model["uri"], str(folder), "--output", str(out)])
+    assert result.exit_code == 1 and "1 predicted, 3 failed" in result.output, result.output
+    table = pd.read_csv(out).set_index("path")
+    assert pd.isna(table.loc[str(folder / "good.bmp"), "error"])
+    for name in ("dangling.png", "loop-a.png", "loop-b.png"):
+        assert table.loc[str(folder / name), "error"].startswith("cannot be read"), table
+
+
+def test_report_counts_a_dangling_link_keeps_loose_crops_apart_and_uploads_only_its_files(trained_model, synth_data,
+                                                                                           tracking, tmp_path):
+    root = tmp_path / "samples"
+    crops = sorted((synth_data / "Normal_Sperm").iterdir())
+    for where, picked in ((root, crops[:2]), (root / "samples", crops[2:5])):  # a sub-folder named like ROOT
+        where.mkdir(parents=True, exist_ok=True)
+        for crop in picked:
+            shutil.copy(crop, where / crop.name)
+    os.symlink("nowhere.bmp", root / "samples" / "dangling.bmp")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "unrelated.txt").write_text("not the report's")
+    result = invoke(["report", trained_model["uri"], str(root), "--out", str(out), "--experiment", tracking])
+    assert result.exit_code == 0, result.output
+    samples = {s["sample"]: s for s in json.loads((out / "report.json").read_text())["samples"]}
+    assert {name: (s["n_crops"], s["n_unreadable"]) for name, s in samples.items()} == {
+        "samples (top level)": (2, 0), "samples": (3, 1)}
+    assert set(pd.read_csv(out / "predictions.csv")["sample"]) == {"samples (top level)", "samples"}
+    [run] = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    assert {a.path for a in MlflowClient().list_artifacts(run.info.run_id)} == {"report.json", "predictions.csv",
+                                                                                "report.html"}
+
+
+# --------------------------------------------------------------------------- images as cameras write them, II
+
+
+def test_signed_twelve_bit_two_channel_multi_page_and_gif_images_are_read_right_and_named(tmp_path, tracking):
+    import tifffile
+
+    root = make_dataset(tmp_path / "data", per_class=6)
+    folder = root / "Normal_Sperm"
+    rng = np.random.default_rng(5)
+    signed = rng.integers(-128, 128, (30, 40), dtype=np.int8)
+    signed[0, 0] = -57
+    tifffile.imwrite(folder / "signed.tif", signed)
+    twelve = rng.integers(0, 4096, (30, 40), dtype=np.uint16)
+    twelve[0, :2] = (0, 4095)
+    tifffile.imwrite(folder / "twelve.tif", twelve)
+    Image.fromarray(twelve).save(folder / "twelve.png")
+    tifffile.imwrite(folder / "two-channels.tif", rng.integers(0, 256, (30, 40, 2), dtype=np.uint8),
+                     photometric="minisblack", planarconfig="contig")
+    pages = [Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)) for _ in range(3)]
+    pages[0].save(folder / "pages.tif", save_all=True, append_images=pages[1:])
+    pages[1].save(folder / "animated.gif", save_all=True, append_images=pages[2:])
+    (folder / "broken\nname.png").write_bytes(b"\x89PNG not really")
+
+    pixels = np.asarray(open_image(folder / "signed.tif"))
+    assert pixels[0, 0] == -57 + 128 and (pixels == signed.astype(np.int16) + 128).all()
+    for name in ("twelve.tif", "twelve.png"):
+        expected = np.rint(twelve * (255 / 4095)).astype(np.uint8)
+        assert (np.asarray(open_image(folder / name)) == expected).all(), name
+
+    result = invoke(["explore", str(root), "--experiment", tracking])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for expected in ("signed 8-bit pixels shifted by 128 to 0-255: Normal_Sperm/signed.tif",
+                     "12-bit values in a 16-bit image, scaled by 12 bits: Normal_Sperm/twelve.tif",
+                     "12-bit values in a 16-bit image, scaled by 12 bits: Normal_Sperm/twelve.png",
+                     "the first of its 2 channels is used: Normal_Sperm/two-channels.tif",
+                     "the first of its 3 pages is used: Normal_Sperm/pages.tif",
+                     "the first of its 2 frames is used: Normal_Sperm/animated.gif"):
+        assert expected in lines, result.output
+    assert any(line.startswith("skipped Normal_Sperm/broken\\nname.png: ") for line in lines), result.output
+    assert ["Normal_Sperm", "12"] in [line.split() for line in lines], result.output  # 6 + 6 new, the broken one skipped
+
+
+def test_sigterm_while_the_libraries_load_is_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "smids_ml.train", "--help"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # torch alone takes seconds to import
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and out == "", out
+    assert err.strip() == "Aborted: interrupted before the command started; nothing was recorded", err

@@ -136,7 +136,7 @@ def test_bad_values_fail_before_any_run(tracking, synth_data, flags, message):
 @pytest.mark.parametrize("flags", [["--model", "vgg99"], ["--optimizer", "RMSprop"], ["--channels", "2"]])
 def test_unknown_choices_are_usage_errors(tracking, synth_data, flags):
     result = invoke(["train", "--data", str(synth_data), "--experiment", tracking, *flags])
-    assert_one_line_error(result, flags[0], exit_code=2)
+    assert_one_line_error(result, flags[0])
     assert mlflow.get_experiment_by_name(tracking) is None
 
 
@@ -182,7 +182,7 @@ def test_presets_set_a_recipe_and_explicit_flags_override_it(monkeypatch):
     # an explicit flag wins, even one equal to the default recipe's value
     mixed = config_of(["--preset", "original", "--channels", "3", "--lr", "0.002"])
     assert (mixed.channels, mixed.lr, mixed.resize, mixed.preset) == (3, 0.002, "stretch", "original")
-    assert_one_line_error(invoke(["train", "--preset", "fancy"]), "--preset", exit_code=2)
+    assert_one_line_error(invoke(["train", "--preset", "fancy"]), "--preset")
 
 
 def test_mlflow_run_with_a_preset_logs_the_values_that_trained(tracking, synth_data):

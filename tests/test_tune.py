@@ -371,3 +371,27 @@ def test_ensemble_top_needs_finalists_off(tracking, synth_data, tmp_path):
     result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(tmp_path / "j"),
                      "--ensemble-top", "2", "--finalists", "2"])
     assert_one_line_error(result, "--ensemble-top", "--finalists 0")
+
+
+def test_the_defaults_trial_of_a_halving_study_is_tagged_on_its_runs(tracking, synth_data, tmp_path):
+    space = space_file(tmp_path, "halving", "params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n")
+    storage = tmp_path / "optuna.journal"
+    tune(tracking, synth_data, storage, "--sampler", "tpe", "--space", space, "--epochs", "3", "--pruner", "halving",
+         "--model", "improved_cnn", "--lr", "0.002", "--n-trials", "2", "--study-name", "halving", "--register-as", "")
+    study = load(storage, "halving")
+    assert study.trials[0].user_attrs["smids_ml.defaults"] and len(study.trials) == 2
+    runs = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.`smids_ml.defaults` = 'true'")
+    assert len(runs) >= 1 and set(runs["tags.optuna.trial"]) == {"0"}, runs
+
+
+def test_a_study_reused_with_another_set_of_parameters_is_refused_naming_them(tracking, synth_data, tmp_path):
+    storage = tmp_path / "optuna.journal"
+    args = ["--sampler", "tpe", "--epochs", "1", "--pruner", "none", "--register-as", "", "--model", "improved_cnn",
+            "--n-trials", "1", "--study-name", "kept"]
+    tune(tracking, synth_data, storage, *args, "--space",
+         space_file(tmp_path, "lr", "params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n"))
+    runs = len(mlflow.search_runs(experiment_names=[tracking]))
+    result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage), *FLAGS,
+                     *args, "--space", space_file(tmp_path, "dropout", "params:\n  dropout_rate: [0.1, 0.2]\n")])
+    assert_one_line_error(result, "study kept searched lr", "adds dropout_rate", "drops lr", "new --study-name")
+    assert len(load(storage, "kept").trials) == 1 and len(mlflow.search_runs(experiment_names=[tracking])) == runs
