@@ -181,7 +181,7 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.width >= 4, f"--width must be at least 4, got {self.width}"),
             (self.image_size == 0 or 16 <= self.image_size <= MAX_IMAGE_SIZE,
-             f"--image-size must be between 16 and {MAX_IMAGE_SIZE} pixels (0: from the data), got {self.image_size}"),
+             f"--image-size must be between 16 and {MAX_IMAGE_SIZE} pixels, got {self.image_size} (0: from the data)"),
             (0 <= self.progressive_start <= 1, f"--progressive-start must be in [0, 1] (a fraction of --image-size; 0 "
                                                f"is off), got {self.progressive_start}"),
             (0 <= self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1,
