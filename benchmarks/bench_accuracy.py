@@ -107,16 +107,15 @@ def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Ser
                    label: str) -> dict:
     """Train `members` models without the `held` rows; score each of them and their mean on those rows.
     The held-out rows go to the run as holdout.csv, beside the manifest.csv of what the members saw."""
-    held_out = Dataset(dataset.root, dataset.manifest[held].assign(split="test").reset_index(drop=True),
-                       dataset.classes)
-    rest = Dataset(dataset.root, dataset.manifest[~held].reset_index(drop=True), dataset.classes)
+    held_out = dataset.with_manifest(dataset.manifest[held].assign(split="test").reset_index(drop=True))
+    rest = dataset.with_manifest(dataset.manifest[~held].reset_index(drop=True))
     start = time.perf_counter()
     if members_of == "folds":
         result = cross_validate(cfg, members, EXPERIMENT, run_name=f"bench {recipe} {members}-fold ensemble{label}",
                                 dataset=rest)
     else:
-        both = Dataset(dataset.root, pd.concat([rest.manifest.assign(split="train"), held_out.manifest],
-                                               ignore_index=True), dataset.classes)
+        both = dataset.with_manifest(pd.concat([rest.manifest.assign(split="train"), held_out.manifest],
+                                               ignore_index=True))
         result = train(cfg, EXPERIMENT, f"bench {recipe} {members}-seed ensemble{label}", members=members, dataset=both)
     minutes = (time.perf_counter() - start) / 60 / members
     device = resolve_device(cfg.device)
@@ -168,7 +167,11 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 
 @click.command()
 @click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
-              help="Labelled real crops, one folder per class.")
+              help="Labelled real crops, one folder per class (or, with --labels, the folder the table's paths are "
+                   "relative to).")
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="A CSV table of labels in place of class folders (e.g. ../shared/data/mhsma-dev/labels.csv).")
+@click.option("--label-column", default=None, help="The --labels column whose values are the classes (e.g. head).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--recipes", default="default,original", show_default=True,
               help=f"Comma-separated recipes: a preset ({', '.join(PRESETS)}) with optional +field=value "
@@ -187,16 +190,19 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
-def main(data: Path, folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str, members: int | None,
-         outer_folds: int, epochs: int | None, image_size: int | None, num_threads: int) -> None:
+def main(data: Path, labels: Path | None, label_column: str | None, folds: int, recipes: str, cv_rows: bool,
+         ensemble: bool, ensemble_of: str, members: int | None, outer_folds: int, epochs: int | None,
+         image_size: int | None, num_threads: int) -> None:
     """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble."""
     if not data.is_dir():
         raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "
                          "(the benchmark needs real data; tests use synthetic sets)")
-    overrides = {k: v for k, v in {"epochs": epochs, "image_size": image_size,
-                                   "num_threads": num_threads or None}.items() if v is not None}
+    overrides = {k: v for k, v in {"epochs": epochs, "image_size": image_size, "num_threads": num_threads or None,
+                                   "labels": labels and str(labels), "label_column": label_column}.items()
+                 if v is not None}
     names = [r.strip() for r in recipes.split(",") if r.strip()]
-    print(f"accuracy on {data}, {machine()}", flush=True)
+    print(f"accuracy on {data}" + (f" labelled by {labels} ({label_column})" if labels else "") + f", {machine()}",
+          flush=True)
     if ensemble and ensemble_of == "recipes" and (len(names) < 2 or not cv_rows or members or outer_folds > 1):
         raise SmidsError("--ensemble-of recipes averages the cross-validation rows of two or more --recipes: "
                          "it needs --cv, and takes no --members or --outer-folds")

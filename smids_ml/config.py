@@ -65,7 +65,16 @@ class TrainConfig:
                        ("default", "long", "fast", "original"),
                        tunable=False)
     # data
-    data: str = _opt("data", "Data root: one folder per class (found up to two levels down).", tunable=False)
+    data: str = _opt("data", "Data root: one folder per class (found up to two levels down), or with --labels the folder "
+                             "the table's paths are relative to.", tunable=False)
+    labels: str | None = _opt(None, "A CSV table of labels in place of class folders: a `path` column (relative to --data) "
+                                    "and label columns, one of them chosen by --label-column.", tunable=False)
+    label_column: str | None = _opt(None, "The --labels column whose values are the classes (e.g. acrosome).", tunable=False)
+    split_column: str | None = _opt(None, "A --labels column holding the data set's own split (train, valid, test), used "
+                                          "instead of drawing one: its test rows are the test part, or without any (MHSMA's "
+                                          "train/valid) its valid rows are. A validation part (--valid-frac above 0) is its "
+                                          "valid rows beside test rows, else carved from its train rows; with --valid-frac 0 "
+                                          "they train.", tunable=False)
     split_manifest: str | None = _opt(None, "Reuse this manifest CSV (its split) instead of splitting anew.", tunable=False)
     classes: str | None = _opt(None, "Comma-separated class folders to use (default: every class folder found).", tunable=False)
     valid_frac: float = _opt(0.0, "Fraction of images for validation (early stopping, choosing the kept epoch). 0: no "
@@ -176,6 +185,9 @@ class TrainConfig:
             (self.valid_frac > 0 or self.patience == 0,
              f"--patience {self.patience} needs a validation split to watch; with --valid-frac 0 use --patience 0"),
             (self.num_threads >= 0, f"--num-threads must be 0 or more, got {self.num_threads}"),
+            (bool(self.labels) == bool(self.label_column), "--labels and --label-column go together: the table, and "
+                                                           "which of its columns holds the classes"),
+            (self.labels or not self.split_column, "--split-column names a column of the --labels table; give --labels"),
         ]
         for f in fields(self):
             choices = f.metadata.get("choices")

@@ -64,7 +64,7 @@ def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> 
     params = {k: ("" if v is None else v) for k, v in cfg.to_dict().items()}
     counts = dataset.counts()
     params.update(class_names=",".join(dataset.classes), num_classes=len(dataset.classes),
-                  num_parameters=num_parameters, data_fingerprint=dataset.fingerprint(), data_root=str(dataset.root))
+                  num_parameters=num_parameters, data_fingerprint=dataset.fingerprint(), **data_params(dataset))
     for part in ("train", "valid", "test"):
         params[f"n_{part}"] = int(counts[part].sum()) if part in counts else 0
     for label in dataset.classes:
@@ -76,6 +76,12 @@ def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> 
     if commit:
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
+
+
+def data_params(dataset: Dataset) -> dict[str, str]:
+    """Where a run's images and labels are, so that `evaluate` finds them again: the data root, and the labels
+    table (absolute) when the labels come from one."""
+    return {"data_root": str(dataset.root), **({"labels_table": str(dataset.table.resolve())} if dataset.table else {})}
 
 
 HOST_TAG, PID_TAG = "smids_ml.host", "smids_ml.pid"

@@ -52,14 +52,16 @@ def prepare_data(cfg: TrainConfig) -> Dataset:
     """The checked, split data set: from --split-manifest when given (verified), else split anew."""
     if cfg.split_manifest:
         needed = SPLITS if cfg.valid_frac > 0 else ("train", "test")
-        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, required_splits=needed)
+        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, needed, cfg.labels, cfg.label_column)
     else:
-        dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict)
+        dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict,
+                                cfg.labels, cfg.label_column, cfg.split_column)
         for line in dataset.report.lines():
             click.echo(line, err=True)
     if len(dataset.classes) < 2:
-        raise SmidsError(f"{dataset.root} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
-                         "a classifier needs at least two class folders")
+        where = f"column {cfg.label_column!r} of {cfg.labels}" if cfg.labels else str(dataset.root)
+        raise SmidsError(f"{where} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
+                         "a classifier needs at least two")
     return dataset
 
 
