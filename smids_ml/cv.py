@@ -78,6 +78,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     with mlflow.start_run(run_name=run_name, tags=tracking.process_tags(), nested=nested) as parent:
         tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
                            "folds": folds, "n_images": len(dataset.manifest), **tracking.data_params(dataset)})
+        tracking.log_dataset(dataset, "train")
         tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")
         # every image trained some fold model: what `evaluate --split all` leaves out for the ensemble
         tracking.log_frame(dataset.manifest.assign(split="train")[MANIFEST_COLUMNS], "manifest.csv")

@@ -474,6 +474,16 @@ class Dataset:
         """The same data (root, labels table) with other rows or splits: a fold, a held-out part."""
         return dataclasses.replace(self, manifest=manifest, classes=classes or self.classes, report=None)
 
+    @property
+    def name(self) -> str:
+        """What the data is called in MLflow: the data root, or the labels table and its column."""
+        return f"{self.table}:{self.label_column}" if self.table else str(self.root)
+
+    @property
+    def source(self) -> Path:
+        """Where the labels come from: the class folders' root, or the table."""
+        return (self.table or self.root).resolve()
+
     def fingerprint(self) -> str:
         """One hash naming the exact images, labels and split."""
         text = self.manifest[["path", "label", "hash", "split"]].to_csv(index=False)

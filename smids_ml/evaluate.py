@@ -303,6 +303,7 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
         tracking.log_new_params({"model_uri": model_uri, "split": split, "data_root": str(part.root),
                            "n_images": len(part.manifest), "classes": ",".join(model.classes)})
         tracking.log_frame(part.manifest[MANIFEST_COLUMNS], "manifest.csv")  # exactly the images evaluated
+        tracking.log_dataset(part, "test")
         if excluded is not None:
             mlflow.log_param("n_excluded_seen_in_training", len(excluded))
             tracking.log_frame(excluded[MANIFEST_COLUMNS], "excluded_seen_in_training.csv")

@@ -66,16 +66,21 @@ def prepare_data(cfg: TrainConfig) -> Dataset:
 
 
 def use_experiment(name: str | None) -> None:
-    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment).
-    A tracking server that does not answer is one line naming it (MLflow would retry for minutes)."""
+    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment), and mark
+    it as model training (`tracking.mark_experiment`). A tracking server that does not answer is one line naming
+    it (MLflow would retry for minutes)."""
     tracking.check_server()
-    if name and not os.environ.get("MLFLOW_RUN_ID"):
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        tracking.mark_experiment(mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id))
+    elif name:
         try:
-            mlflow.set_experiment(name)
+            experiment = mlflow.set_experiment(name)
         except MlflowException as exc:  # another worker created it between our look-up and our create
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            mlflow.set_experiment(name)
+            experiment = mlflow.set_experiment(name)
+        tracking.mark_experiment(experiment)
 
 
 def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bool = True) -> TrainResult:
