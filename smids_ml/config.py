@@ -104,6 +104,14 @@ class TrainConfig:
     # model
     model: str = _opt("smids_resnet", "Architecture.", MODELS)
     pretrained: bool = _opt(False, "Start from torchvision ImageNet weights (must already be in the torch cache).")
+    init_from: str | None = _opt(None, "Start from another smids-ml model's network (models:/NAME@ALIAS, models:/NAME/VERSION "
+                                       "or runs:/RUN/model): its weights, with a new classifier for this data's classes. "
+                                       "--model, --width, --stem, --channels, --image-size and --resize follow it unless "
+                                       "given; the input size may differ, the rest must match.", tunable=False)
+    freeze_epochs: int = _opt(0, "With --init-from: train only the new classifier for this many first epochs (the rest of "
+                                 "the network's weights frozen; its batch-norm statistics still adapt to the new images).")
+    backbone_lr: float = _opt(1.0, "With --init-from: the learning rate of everything but the classifier, as a fraction "
+                                   "of --lr (0.1: ten times lower).")
     width: int = _opt(32, "Channels of smids_resnet's first stage, doubled at each of its four stages "
                           "(32: 1.2 M parameters; compute grows with the square).")
     stem: str = _opt("pool", "smids_resnet's stem: conv, a stride-2 3×3 convolution; pool adds a stride-2 max-pool after it, so "
@@ -185,6 +193,10 @@ class TrainConfig:
             (self.valid_frac > 0 or self.patience == 0,
              f"--patience {self.patience} needs a validation split to watch; with --valid-frac 0 use --patience 0"),
             (self.num_threads >= 0, f"--num-threads must be 0 or more, got {self.num_threads}"),
+            (0 <= self.freeze_epochs <= self.epochs, f"--freeze-epochs must be in [0, --epochs], got {self.freeze_epochs}"),
+            (self.backbone_lr > 0, f"--backbone-lr must be above 0 (a fraction of --lr), got {self.backbone_lr}"),
+            (self.init_from or (self.freeze_epochs == 0 and self.backbone_lr == 1),
+             "--freeze-epochs and --backbone-lr act on the network --init-from gives; give --init-from"),
             (bool(self.labels) == bool(self.label_column), "--labels and --label-column go together: the table, and "
                                                            "which of its columns holds the classes"),
             (self.labels or not self.split_column, "--split-column names a column of the --labels table; give --labels"),
@@ -302,4 +314,12 @@ def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None
             values[f.name] = value
     preset = values.pop("preset", "default")
     own = {k: v for k, v in (defaults or {}).items() if k not in PRESETS.get(preset, {})}
-    return TrainConfig.from_preset(preset, **{**own, **values}).validate()
+    followed = {}
+    if values.get("init_from"):  # the source network's architecture and input, under the flags given
+        from smids_ml.transfer import followed_fields  # loads a model: torch and MLflow only when asked
+        followed = followed_fields(values["init_from"])
+    cfg = TrainConfig.from_preset(preset, **{**own, **followed, **values}).validate()
+    if cfg.init_from:
+        from smids_ml.transfer import check_source
+        check_source(cfg)
+    return cfg

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from smids_ml import SmidsError
-from smids_ml import plots, tracking
+from smids_ml import plots, tracking, transfer
 from smids_ml.compute import training_flops
 from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
 from smids_ml.console import steps, stop_if_signalled, stops_cleanly
@@ -92,6 +92,8 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
     seed_everything(cfg.seed)
     network = build_for(cfg, len(dataset.classes), cfg.pretrained)
+    if cfg.init_from:
+        transfer.initialise(network, cfg)
     batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
                            cfg.rotation, cfg.scale_shift, cycle=cfg.orientations == "cycle")
     tracking.log_run_context(cfg, dataset, count_parameters(network))
