@@ -69,7 +69,10 @@ class TrainConfig:
                              "the table's paths are relative to.", tunable=False)
     labels: str | None = _opt(None, "A CSV table of labels in place of class folders: a `path` column (relative to --data) "
                                     "and label columns, one of them chosen by --label-column.", tunable=False)
-    label_column: str | None = _opt(None, "The --labels column whose values are the classes (e.g. acrosome).", tunable=False)
+    label_column: str | None = _opt(None, "The --labels column whose values are the classes (e.g. acrosome). `train` takes "
+                                          "several, comma-separated (acrosome,head,vacuole): one model per column, each "
+                                          "in a nested run under one parent run and registered as --register-as "
+                                          "NAME-<column>.", tunable=False)
     split_column: str | None = _opt(None, "A --labels column holding the data set's own split (train, valid, test), used "
                                           "instead of drawing one: its test rows are the test part, or without any (MHSMA's "
                                           "train/valid) its valid rows are. A validation part (--valid-frac above 0) is its "
@@ -256,6 +259,10 @@ class TrainConfig:
                     raise SmidsError(f"recipe {recipe!r}: {key} must be true or false, got {value!r}") from None
             own[key] = value
         return cls.from_preset(name, **{**own, **overrides}).validate()  # validate() turns numbers to their type
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [c.strip() for c in (self.label_column or "").split(",") if c.strip()]
 
     @property
     def class_list(self) -> list[str] | None:

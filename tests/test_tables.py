@@ -118,3 +118,24 @@ def test_explore_reads_a_table(tracking, synth_table):
                      "debris", "--experiment", tracking])
     assert result.exit_code == 0, result.output
     assert f"{synth_table}: 36 readable images in 2 classes" in result.output
+
+
+def test_several_label_columns_train_one_model_each_and_predict_gives_a_column_each(tracking, synth_table):
+    result = invoke(["train", "--data", str(synth_table), "--labels", str(synth_table / "labels.csv"),
+                     "--label-column", "shape,debris", "--experiment", tracking, "--register-as", "per-label",
+                     *FLAGS, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "registered models:/per-label-shape/1" in result.output
+    assert "registered models:/per-label-debris/1" in result.output
+    runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.params["label_column"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == ["debris", "shape"] and len(runs) == 3
+    assert children["shape"].data.params["class_names"] == "abnormal,normal"
+    crops = [str(synth_table / "images" / f"crop_0{i}.bmp") for i in range(3)]
+    predicted = invoke(["predict", "models:/per-label-shape/1,models:/per-label-debris/1", *crops])
+    assert predicted.exit_code == 0, predicted.output
+    header = predicted.output.splitlines()[0].split()
+    assert header == ["path", "frame", "shape", "shape_confidence", "debris", "debris_confidence"]
+    assert_one_line_error(invoke(["cv", "--data", str(synth_table), "--labels", str(synth_table / "labels.csv"),
+                                  "--label-column", "shape,debris"]), "one model each with `train`")
