@@ -271,7 +271,7 @@ def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | 
         if name not in frame.columns:
             raise SmidsError(f"labels table {table}, line 1: no column {name!r} for {role} (its columns: "
                              f"{', '.join(frame.columns)})")
-    frame = frame[(frame != "").any(axis=1)]  # blank lines
+    frame = frame[(frame != "").any(axis=1)].assign(**{column: frame[column].str.strip()})  # blank lines out
 
     def refuse(index, reason):
         raise SmidsError(f"labels table {table}, line {index + 2} ({frame.at[index, 'path']}): {reason}")
@@ -294,7 +294,7 @@ def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | 
         seen[key] = index
         if split_column and frame.at[index, split_column] not in SPLITS:
             refuse(index, f"{split_column} {frame.at[index, split_column]!r} is not one of {', '.join(SPLITS)}")
-    out = pd.DataFrame({"path": [Path(p).as_posix() for p in frame["path"]], "label": frame[column].str.strip()})
+    out = pd.DataFrame({"path": [Path(p).as_posix() for p in frame["path"]], "label": frame[column]})
     if split_column:
         out["split"] = frame[split_column].to_numpy()
     unlabelled = out["label"] == ""

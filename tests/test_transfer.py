@@ -41,3 +41,18 @@ def test_a_source_whose_channels_cannot_match_is_one_line_and_no_run(tracking, t
                      "--experiment", tracking, *FLAGS])
     assert_one_line_error(result, f"--init-from {source}", "--channels 3", "--channels 1 cannot take its weights")
     assert mlflow.get_experiment_by_name(tracking) is None
+
+
+def test_tune_from_a_source_leaves_its_architecture_out_of_the_search(tracking, trained_model, synth_data, tmp_path):
+    source = f"models:/{trained_model['name']}/{trained_model['version']}"
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  model: [smids_resnet, improved_cnn]\n  lr: [0.001]\n")
+    result = invoke(["tune", "--data", str(synth_data), "--init-from", source, "--experiment", tracking, "--sampler",
+                     "grid", "--space", str(space), "--storage", str(tmp_path / "optuna.journal"), "--epochs", "1",
+                     "--batch", "16", "--num-threads", "1", "--finalists", "0", "--register-as", ""])
+    assert result.exit_code == 0, result.output
+    assert f"--init-from {source} fixes model (the source's): left out of the search" in result.output
+    runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [t.data.params["model"] for t in trials] == ["improved_cnn"]
+    assert all(t.data.tags["smids_ml.init_from"] == source for t in trials)
