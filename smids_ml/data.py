@@ -476,8 +476,12 @@ class Dataset:
 
     @property
     def name(self) -> str:
-        """What the data is called in MLflow: the data root, or the labels table and its column."""
-        return f"{self.table}:{self.label_column}" if self.table else str(self.root)
+        """What the data is called in MLflow, short enough for the runs table's Dataset column (`source` has the
+        full path): the data root's folder, or the table with its folder, and its label column."""
+        if self.table:
+            table = self.table.resolve()
+            return f"{table.parent.name}/{table.name}:{self.label_column}"
+        return self.root.resolve().name
 
     @property
     def source(self) -> Path:

@@ -56,7 +56,7 @@ def test_a_table_trains_a_model_whose_classes_are_its_column(tracking, synth_tab
     [evaluation] = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.evaluated_split = 'test'",
                                       output_format="list")
     [entry] = client.get_run(evaluation.info.run_id).inputs.dataset_inputs
-    assert entry.dataset.name == f"{table}:shape" and {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "test"
+    assert entry.dataset.name == "synth-table/labels.csv:shape" and {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "test"
 
 
 def test_the_tables_own_split_is_honoured(synth_table):
