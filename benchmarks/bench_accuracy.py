@@ -116,16 +116,15 @@ def holdout_scores(recipe: str, cfg: TrainConfig, dataset: Dataset, held: pd.Ser
                    label: str) -> dict:
     """Train `members` models without the `held` rows; score each of them and their mean on those rows.
     The held-out rows go to the run as holdout.csv, beside the manifest.csv of what the members saw."""
-    held_out = Dataset(dataset.root, dataset.manifest[held].assign(split="test").reset_index(drop=True),
-                       dataset.classes)
-    rest = Dataset(dataset.root, dataset.manifest[~held].reset_index(drop=True), dataset.classes)
+    held_out = dataset.with_manifest(dataset.manifest[held].assign(split="test").reset_index(drop=True))
+    rest = dataset.with_manifest(dataset.manifest[~held].reset_index(drop=True))
     start = time.perf_counter()
     if members_of == "folds":
         result = cross_validate(cfg, members, EXPERIMENT, run_name=f"bench {recipe} {members}-fold ensemble{label}",
                                 dataset=rest)
     else:
-        both = Dataset(dataset.root, pd.concat([rest.manifest.assign(split="train"), held_out.manifest],
-                                               ignore_index=True), dataset.classes)
+        both = dataset.with_manifest(pd.concat([rest.manifest.assign(split="train"), held_out.manifest],
+                                               ignore_index=True))
         result = train(cfg, EXPERIMENT, f"bench {recipe} {members}-seed ensemble{label}", members=members, dataset=both)
     minutes = (time.perf_counter() - start) / 60 / members
     device = resolve_device(cfg.device)
@@ -175,9 +174,10 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 
 
 @click.command()
-@click.option("--data", "data_sets", type=click.Path(path_type=Path), multiple=True, default=[DEFAULT_DATA],
-              show_default=True, help="Labelled real crops, one folder per class; give it again for more data sets "
-                                      "(one table each, the same recipes and folds).")
+@click.option("--data", "data_sets", multiple=True, default=[str(DEFAULT_DATA)], show_default=True,
+              help="Labelled real crops: a folder of class folders, or TABLE.csv:COLUMN (a table of labels, paths "
+                   "relative to its folder, e.g. ../shared/data/mhsma-dev/labels.csv:head); give it again for more "
+                   "data sets (one table each, the same recipes and folds).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--recipes", default="default,original", show_default=True,
               help=f"Comma-separated recipes: a preset ({', '.join(PRESETS)}) with optional +field=value "
@@ -196,13 +196,10 @@ def ensemble_rows(recipe: str, cfg: TrainConfig, folds: int, members_of: str = "
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override every recipe's epochs (screening).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override every recipe's input size.")
 @click.option("--num-threads", type=click.IntRange(min=0), default=0, help="Torch CPU threads (0: torch's default).")
-def main(data_sets: tuple[Path, ...], folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str,
+def main(data_sets: tuple[str, ...], folds: int, recipes: str, cv_rows: bool, ensemble: bool, ensemble_of: str,
          members: int | None, outer_folds: int, epochs: int | None, image_size: int | None, num_threads: int) -> None:
     """Cross-validated accuracy of recipes on real crops, and of their k-fold ensemble: one table per data set."""
-    for data in data_sets:
-        if not data.is_dir():
-            raise SmidsError(f"no real crops at {data}: pass --data with a folder of class folders "
-                             "(the benchmark needs real data; tests use synthetic sets)")
+    sources = [data_source(spec) for spec in data_sets]  # every spec checked before anything trains
     overrides = {k: v for k, v in {"epochs": epochs, "image_size": image_size,
                                    "num_threads": num_threads or None}.items() if v is not None}
     names = [r.strip() for r in recipes.split(",") if r.strip()]
@@ -211,17 +208,32 @@ def main(data_sets: tuple[Path, ...], folds: int, recipes: str, cv_rows: bool, e
                          "it needs --cv, and takes no --members or --outer-folds")
     if ensemble and ensemble_of != "recipes" and outer_folds > folds:
         raise SmidsError(f"--outer-folds {outer_folds} is more than the {folds} parts of --folds")
-    tables = [(data, data_set_rows(data, names, overrides, folds, cv_rows, ensemble, ensemble_of, members, outer_folds))
-              for data in data_sets]
-    for data, rows in tables:
-        print(f"\n{data}")
+    tables = [(spec, data_set_rows(data, names, {**overrides, **labels}, folds, cv_rows, ensemble, ensemble_of,
+                                   members, outer_folds))
+              for spec, (data, labels) in zip(data_sets, sources)]
+    for spec, rows in tables:
+        print(f"\n{spec}")
         print(table(HEADERS, rows))
+
+
+def data_source(spec: str) -> tuple[Path, dict]:
+    """(the data root, the config fields of a table of labels) for `FOLDER` or `TABLE.csv:COLUMN`."""
+    table_path, sep, column = spec.rpartition(":")
+    if sep and table_path.lower().endswith(".csv"):
+        if not Path(table_path).is_file():
+            raise SmidsError(f"no table of labels at {table_path}")
+        return Path(table_path).resolve().parent, {"labels": str(Path(table_path).resolve()), "label_column": column}
+    if not Path(spec).is_dir():
+        raise SmidsError(f"no real crops at {spec}: pass --data with a folder of class folders or TABLE.csv:COLUMN "
+                         "(the benchmark needs real data; tests use synthetic sets)")
+    return Path(spec), {}
 
 
 def data_set_rows(data: Path, names: list[str], overrides: dict, folds: int, cv_rows: bool, ensemble: bool,
                   ensemble_of: str, members: int | None, outer_folds: int) -> list[list]:
     """Every row of one data set's table, each recipe's printed as soon as it is measured."""
-    print(f"accuracy on {data}, {machine()}", flush=True)
+    labelled = f" labelled by {overrides['labels']} ({overrides['label_column']})" if "labels" in overrides else ""
+    print(f"accuracy on {data}{labelled}, {machine()}", flush=True)
     rows, out_of_fold, tflops = [], [], []
     for name in names if cv_rows else []:
         recipe_rows, predictions, cost = cv_row(name, recipe_config(name, data, overrides), folds)

@@ -67,7 +67,19 @@ class TrainConfig:
                        ("default", "long", "fast", "original"),
                        tunable=False)
     # data
-    data: str = _opt("data", "Data root: one folder per class (found up to two levels down).", tunable=False)
+    data: str = _opt("data", "Data root: one folder per class (found up to two levels down), or with --labels the folder "
+                             "the table's paths are relative to.", tunable=False)
+    labels: str | None = _opt(None, "A CSV table of labels in place of class folders: a `path` column (relative to --data) "
+                                    "and label columns, one of them chosen by --label-column.", tunable=False)
+    label_column: str | None = _opt(None, "The --labels column whose values are the classes (e.g. acrosome). `train` takes "
+                                          "several, comma-separated (acrosome,head,vacuole): one model per column, each "
+                                          "in a nested run under one parent run and registered as --register-as "
+                                          "NAME-<column>.", tunable=False)
+    split_column: str | None = _opt(None, "A --labels column holding the data set's own split (train, valid, test), used "
+                                          "instead of drawing one: its test rows are the test part, or without any (MHSMA's "
+                                          "train/valid) its valid rows are. A validation part (--valid-frac above 0) is its "
+                                          "valid rows beside test rows, else carved from its train rows; with --valid-frac 0 "
+                                          "they train.", tunable=False)
     split_manifest: str | None = _opt(None, "Reuse this manifest CSV (its split) instead of splitting anew.", tunable=False)
     classes: str | None = _opt(None, "Comma-separated class folders to use (default: every class folder found).", tunable=False)
     valid_frac: float = _opt(0.0, "Fraction of images for validation (early stopping, choosing the kept epoch). 0: no "
@@ -99,6 +111,14 @@ class TrainConfig:
     # model
     model: str = _opt("smids_resnet", "Architecture.", MODELS)
     pretrained: bool = _opt(False, "Start from torchvision ImageNet weights (must already be in the torch cache).")
+    init_from: str | None = _opt(None, "Start from another smids-ml model's network (models:/NAME@ALIAS, models:/NAME/VERSION "
+                                       "or runs:/RUN/model): its weights, with a new classifier for this data's classes. "
+                                       "--model, --width, --stem, --channels, --image-size and --resize follow it unless "
+                                       "given; the input size may differ, the rest must match.", tunable=False)
+    freeze_epochs: int = _opt(0, "With --init-from: train only the new classifier for this many first epochs (the rest of "
+                                 "the network's weights frozen; its batch-norm statistics still adapt to the new images).")
+    backbone_lr: float = _opt(1.0, "With --init-from: the learning rate of everything but the classifier, as a fraction "
+                                   "of --lr (0.1: ten times lower).")
     width: int = _opt(32, "Channels of smids_resnet's first stage, doubled at each of its four stages "
                           "(32: 1.2 M parameters; compute grows with the square).")
     stem: str = _opt("pool", "smids_resnet's stem: conv, a stride-2 3×3 convolution; pool adds a stride-2 max-pool after it, so "
@@ -190,6 +210,13 @@ class TrainConfig:
             (self.valid_frac > 0 or self.patience == 0,
              f"--patience {self.patience} needs a validation split to watch; with --valid-frac 0 use --patience 0"),
             (self.num_threads >= 0, f"--num-threads must be 0 or more, got {self.num_threads}"),
+            (0 <= self.freeze_epochs <= self.epochs, f"--freeze-epochs must be in [0, --epochs], got {self.freeze_epochs}"),
+            (self.backbone_lr > 0, f"--backbone-lr must be above 0 (a fraction of --lr), got {self.backbone_lr}"),
+            (self.init_from or (self.freeze_epochs == 0 and self.backbone_lr == 1),
+             "--freeze-epochs and --backbone-lr act on the network --init-from gives; give --init-from"),
+            (bool(self.labels) == bool(self.label_column), "--labels and --label-column go together: the table, and "
+                                                           "which of its columns holds the classes"),
+            (self.labels or not self.split_column, "--split-column names a column of the --labels table; give --labels"),
         ]
         for f in fields(self):
             choices = f.metadata.get("choices")
@@ -248,6 +275,10 @@ class TrainConfig:
         return cls.from_preset(name, **{**own, **overrides}).validate()  # validate() turns numbers to their type
 
     @property
+    def label_columns(self) -> list[str]:
+        return [c.strip() for c in (self.label_column or "").split(",") if c.strip()]
+
+    @property
     def class_list(self) -> list[str] | None:
         return [c.strip() for c in self.classes.split(",") if c.strip()] if self.classes else None
 
@@ -304,8 +335,15 @@ def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None
             values[f.name] = value
     preset = values.pop("preset", "default")
     own = {k: v for k, v in (defaults or {}).items() if k not in PRESETS.get(preset, {})}
-    cfg = TrainConfig.from_preset(preset, **{**own, **values}).validate()
+    followed = {}
+    if values.get("init_from"):  # the source network's architecture and input, under the flags given
+        from smids_ml.transfer import followed_fields  # loads a model: torch and MLflow only when asked
+        followed = followed_fields(values["init_from"])
+    cfg = TrainConfig.from_preset(preset, **{**own, **followed, **values}).validate()
     from smids_ml.engine import resolve_device  # torch: checked here, with the flags, so no run is created first
 
     resolve_device(cfg.device)
+    if cfg.init_from:
+        from smids_ml.transfer import check_source
+        check_source(cfg)
     return cfg

@@ -24,27 +24,12 @@ from smids_ml import SmidsError, tracking
 from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import Command, stops_cleanly
-from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches, stratified_groups
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, carve_valid, load_tensors, make_batches
 from smids_ml.engine import predict_proba, resolve_device, resolve_precision
 from smids_ml.evaluate import HEADLINE, log_evaluation
 from smids_ml.train import prepare_data, run_training, use_experiment
 
 DEFAULT_EXPERIMENT = "smids-ml-cv"
-
-
-def carve_valid(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
-    """True for a stratified, seeded `fraction` of the rows, by unique content (duplicates together).
-
-    Each class keeps at least one training image; a class with two or more keeps at least one for
-    validation. `fraction` 0 carves nothing (each fold trains its whole schedule and keeps the last epoch).
-    """
-    if fraction == 0:
-        return pd.Series(False, index=frame.index)
-    chosen = []
-    for _, hashes in stratified_groups(frame, seed):
-        n = min(max(1, round(len(hashes) * fraction)), len(hashes) - 1)
-        chosen.extend(hashes[:n])
-    return frame["hash"].isin(chosen)
 
 
 def fold_dataset(dataset: Dataset, fold: pd.Series, k: int, valid_frac: float, seed: int) -> Dataset:
@@ -53,7 +38,7 @@ def fold_dataset(dataset: Dataset, fold: pd.Series, k: int, valid_frac: float, s
     manifest["split"] = np.where(fold == k, "test", "train")
     rest = manifest[fold != k]
     manifest.loc[rest.index[carve_valid(rest, valid_frac, seed).to_numpy()], "split"] = "valid"
-    return Dataset(dataset.root, manifest, dataset.classes)
+    return dataset.with_manifest(manifest)
 
 
 def fold_probabilities(network, dataset: Dataset, cfg: TrainConfig) -> np.ndarray:
@@ -97,7 +82,8 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tracking.process_tags(), nested=nested) as parent:
         tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
-                           "folds": folds, "n_images": len(dataset.manifest), "data_root": str(dataset.root)})
+                           "folds": folds, "n_images": len(dataset.manifest), **tracking.data_params(dataset)})
+        tracking.log_dataset(dataset, "train")
         tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")
         # every image trained some fold model: what `evaluate --split all` leaves out for the ensemble
         tracking.log_frame(dataset.manifest.assign(split="train")[MANIFEST_COLUMNS], "manifest.csv")

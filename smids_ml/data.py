@@ -1,14 +1,16 @@
-"""From a folder of class folders to batches of tensors.
+"""From a folder of class folders, or a folder and a table of labels, to batches of tensors.
 
-scan → check (decode, hash, find duplicates) → split (stratified, seeded, duplicates kept together)
-→ manifest CSV → cache (decode + resize once into uint8 tensors) → batches (augmented on tensors).
+scan (folders or table → path, label) → check (decode, hash, find duplicates) → split (stratified,
+seeded, duplicates kept together; or the table's own) → manifest CSV → cache (decode + resize once
+into uint8 tensors) → batches (augmented on tensors).
 
-Labels come from the folder, never from the file name: real copies of SMIDS have file names that
-disagree with their folder.
+Labels come from the folder or from a table, never from the file name: real copies of SMIDS have file
+names that disagree with their folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,6 +33,7 @@ CLASS_ALIASES = {"Non_Sperm": "Non-Sperm", "Non Sperm": "Non-Sperm", "NonSperm":
 IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif"}
 MAX_PIXELS = 40_000_000  # per image; larger ones are refused before decoding (decompression bombs)
 MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "bytes", "split"]
+SPLITS = ("train", "valid", "test")
 CACHE_FORMAT = 1  # bump when prepare_image changes, so stale caches are rebuilt
 
 
@@ -207,11 +210,7 @@ def find_class_root(root: str | os.PathLike, classes: list[str] | None = None) -
     (the folder with the wanted classes, or without --classes the most SMIDS classes); two equally
     good folders at that level (real data beside a synthetic set, say) are an error, not a guess.
     """
-    root = Path(root)
-    if not root.exists():
-        raise SmidsError(f"data root {root} does not exist")
-    if not root.is_dir():
-        raise SmidsError(f"data root {root} is not a folder")
+    root = data_folder(root)
     wanted = {canonical_class(c) for c in classes} if classes else None
     levels = [[root]]
     levels += [[p for p in sorted(root.iterdir()) if p.is_dir()]]
@@ -233,8 +232,12 @@ def find_class_root(root: str | os.PathLike, classes: list[str] | None = None) -
                      f"expected one folder per class such as {', '.join(SMIDS_CLASSES)}")
 
 
-def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
-    """List (path relative to the class root, label) for every image file; labels from folders."""
+def scan(root: str | os.PathLike, classes: list[str] | None = None, labels: str | os.PathLike | None = None,
+         label_column: str | None = None, split_column: str | None = None) -> tuple[Path, pd.DataFrame]:
+    """List (path relative to the returned root, label) for every image: from class folders, or with
+    `labels` from that table (`read_table`, which adds the table's `split` with `split_column`)."""
+    if labels:
+        return read_table(root, labels, label_column, split_column, classes)
     class_root = find_class_root(root, classes)
     folders = _class_folders(class_root)
     if classes:
@@ -252,6 +255,84 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[Pat
                 continue
             rows.append((rel, label))
     return class_root, pd.DataFrame(rows, columns=["path", "label"])
+
+
+def data_folder(root: str | os.PathLike) -> Path:
+    """`root` as a Path, or one line saying it is missing or not a folder."""
+    root = Path(root)
+    if not root.exists():
+        raise SmidsError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise SmidsError(f"data root {root} is not a folder")
+    return root
+
+
+def read_csv(path: Path, what: str, **options) -> pd.DataFrame:
+    """A CSV file, or one line saying why it cannot be read."""
+    try:
+        return pd.read_csv(path, **options)
+    except pd.errors.EmptyDataError:
+        raise SmidsError(f"{what} {path} is empty") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SmidsError(f"cannot read {what} {path}: {exc}") from None
+
+
+def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | None, split_column: str | None = None,
+               classes: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
+    """(root, path + label [+ split]) from a CSV table whose `path` column is relative to `root` and whose
+    `column` holds the labels (a data set's own table, an annotation tool's export, a lab's spreadsheet).
+
+    What would make the data a lie is refused in one line naming the table, its line and the path, before
+    anything runs: an unknown column, a path that leaves the root or names no file, a row listed twice, one
+    image with two labels, a split that is not train/valid/test. Rows with an empty label are left out (a
+    table with several label columns may not fill them all) and counted. Unreadable images are `check`'s."""
+    root, table = data_folder(root), Path(table)
+    # every cell as text (a label "NA" stays "NA"); blank lines kept, so that index + 2 is the CSV line
+    frame = read_csv(table, "labels table", dtype=str, keep_default_na=False, skip_blank_lines=False)
+    wanted = {"path": "the image paths", column or "": "--label-column"}
+    if split_column:
+        wanted[split_column] = "--split-column"
+    for name, role in wanted.items():
+        if name not in frame.columns:
+            raise SmidsError(f"labels table {table}, line 1: no column {name!r} for {role} (its columns: "
+                             f"{', '.join(frame.columns)})")
+    frame = frame[(frame != "").any(axis=1)].assign(**{column: frame[column].str.strip()})  # blank lines out
+
+    def refuse(index, reason):
+        raise SmidsError(f"labels table {table}, line {index + 2} ({frame.at[index, 'path']}): {reason}")
+
+    seen: dict[str, int] = {}
+    for index, path in frame["path"].items():
+        if not path:
+            refuse(index, "no path")
+        rel = Path(path)
+        if rel.is_absolute() or ".." in rel.parts:
+            refuse(index, f"the path leaves the data root {root} (absolute or '..'); paths are relative to it")
+        if not (root / rel).is_file():
+            refuse(index, f"no such file under {root}")
+        key = rel.as_posix()
+        if key in seen:
+            first = seen[key]
+            labels = frame.at[first, column], frame.at[index, column]
+            refuse(index, f"listed twice (also line {first + 2})" if labels[0] == labels[1] else
+                   f"one image with two labels, {labels[0]!r} (line {first + 2}) and {labels[1]!r}")
+        seen[key] = index
+        if split_column and frame.at[index, split_column] not in SPLITS:
+            refuse(index, f"{split_column} {frame.at[index, split_column]!r} is not one of {', '.join(SPLITS)}")
+    out = pd.DataFrame({"path": [Path(p).as_posix() for p in frame["path"]], "label": frame[column]})
+    if split_column:
+        out["split"] = frame[split_column].to_numpy()
+    unlabelled = out["label"] == ""
+    if unlabelled.any():
+        click.echo(f"left out {unlabelled.sum()} row(s) of {table} with no {column} label", err=True)
+    out = out[~unlabelled]
+    if classes:
+        missing = [c for c in classes if c not in set(out["label"])]
+        if missing:
+            raise SmidsError(f"class(es) {', '.join(missing)} not in column {column!r} of {table} "
+                             f"(found: {', '.join(sorted(set(out['label'])))})")
+        out = out[out["label"].isin(classes)]
+    return root, out.reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- checking
@@ -282,10 +363,11 @@ def describe_file(path: Path) -> dict:
 
 
 def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckReport:
-    """Decode every image, hash its pixels, skip (or with strict, refuse) what cannot be read."""
+    """Decode every image, hash its pixels, skip (or with strict, refuse) what cannot be read. A table's
+    own `split` column, when the frame has one, is carried along."""
     rows, problems, notes = [], [], []
-    for label, folders in frame.groupby("label")["path"]:
-        spellings = sorted(set(folders.str.split("/").str[0]))
+    for label, paths in frame.groupby("label")["path"]:
+        spellings = sorted({f for f in paths.str.split("/").str[0] if canonical_class(f) == label})  # class folders
         if len(spellings) > 1:
             notes.append(f"merged {', '.join(f + '/' for f in spellings)} as one class, {label}")
     with progress(list(frame.itertuples(index=False)), "Checking images") as items:
@@ -297,12 +379,12 @@ def check(class_root: Path, frame: pd.DataFrame, strict: bool = False) -> CheckR
                 continue
             if "note" in described:
                 notes.append(f"{described.pop('note')}: {escaped(row.path)}")
-            rows.append({"path": row.path, "label": row.label, **described})
+            rows.append({**row._asdict(), **described})
     if problems and strict:
         path, reason = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise SmidsError(f"{class_root / path}: {reason}{more}; drop --strict to skip unreadable files")
-    checked = pd.DataFrame(rows, columns=MANIFEST_COLUMNS[:-1])
+    checked = pd.DataFrame(rows, columns=MANIFEST_COLUMNS[:-1] + (["split"] if "split" in frame else []))
     duplicates, conflicts = [], []
     for _, group in checked.groupby("hash", sort=False):
         if len(group) > 1:
@@ -344,6 +426,47 @@ def split(frame: pd.DataFrame, valid_frac: float = 0.15, test_frac: float = 0.15
     return out
 
 
+def carve_valid(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
+    """True for a stratified, seeded `fraction` of the rows, by unique content (duplicates together).
+
+    Each class keeps at least one training image; a class with two or more keeps at least one for
+    validation. `fraction` 0 carves nothing (training runs its whole schedule and keeps the last epoch).
+    """
+    if fraction == 0:
+        return pd.Series(False, index=frame.index)
+    chosen = []
+    for _, hashes in stratified_groups(frame, seed):
+        n = min(max(1, round(len(hashes) * fraction)), len(hashes) - 1)
+        chosen.extend(hashes[:n])
+    return frame["hash"].isin(chosen)
+
+
+def table_split(frame: pd.DataFrame, table: Path, valid_frac: float = 0.0, seed: int = 42) -> pd.DataFrame:
+    """A data set's own split (a table's split column), honoured: its test rows are the test part. A table
+    without test rows (MHSMA's train/valid: its test part is published apart) has its valid rows scored as the
+    test part, since they are the held-out part it gives. With a validation part asked for (`valid_frac` > 0) it
+    is the table's valid rows where they are not the test part, else carved from its train rows; with
+    `valid_frac` 0 the table's valid rows train, as --valid-frac 0 means no validation part. The same image
+    (by pixels) in two of its parts is leakage and refused."""
+    given = frame["split"]
+    spread = frame.groupby("hash")["split"].nunique()
+    leaked = frame[frame["hash"].isin(spread[spread > 1].index)]
+    if not leaked.empty:
+        same = leaked[leaked["hash"] == leaked["hash"].iloc[0]]
+        raise SmidsError(f"labels table {table}: the same image (pixel hash) is in its splits "
+                         f"{', '.join(sorted(set(same['split'])))} ({', '.join(same['path'])}); that is leakage between splits")
+    valid_becomes = ("valid" if valid_frac else "train") if (given == "test").any() else "test"
+    out = frame.assign(split=given.replace({"valid": valid_becomes}))
+    if valid_frac and not (out["split"] == "valid").any():
+        train = out[out["split"] == "train"]
+        out.loc[train.index[carve_valid(train, valid_frac, seed).to_numpy()], "split"] = "valid"
+    for part in ("train", "test"):
+        if not (out["split"] == part).any():
+            raise SmidsError(f"labels table {table}: its split column leaves no {part} images"
+                             + (" (test: its test rows, or else its valid rows)" if part == "test" else ""))
+    return out
+
+
 def assign_folds(frame: pd.DataFrame, folds: int, seed: int = 42) -> pd.Series:
     """Stratified k-fold assignment by unique content (duplicates share a fold)."""
     fold_of = {}
@@ -366,9 +489,29 @@ class Dataset:
     manifest: pd.DataFrame
     classes: list[str]
     report: CheckReport | None = None
+    table: Path | None = None  # the labels table, when labels do not come from class folders
+    label_column: str | None = None
 
     def part(self, name: str) -> pd.DataFrame:
         return self.manifest[self.manifest["split"] == name]
+
+    def with_manifest(self, manifest: pd.DataFrame, classes: list[str] | None = None) -> "Dataset":
+        """The same data (root, labels table) with other rows or splits: a fold, a held-out part."""
+        return dataclasses.replace(self, manifest=manifest, classes=classes or self.classes, report=None)
+
+    @property
+    def name(self) -> str:
+        """What the data is called in MLflow, short enough for the runs table's Dataset column (`source` has the
+        full path): the data root's folder, or the table with its folder, and its label column."""
+        if self.table:
+            table = self.table.resolve()
+            return f"{table.parent.name}/{table.name}:{self.label_column}"
+        return self.root.resolve().name
+
+    @property
+    def source(self) -> Path:
+        """Where the labels come from: the class folders' root, or the table."""
+        return (self.table or self.root).resolve()
 
     def fingerprint(self) -> str:
         """One hash naming the exact images, labels and split."""
@@ -379,17 +522,22 @@ class Dataset:
         return self.manifest.groupby(["label", "split"]).size().unstack(fill_value=0)
 
 
-def build_dataset(root, classes=None, valid_frac=0.15, test_frac=0.15, seed=42, strict=False) -> Dataset:
-    """Scan, check and split a data root."""
-    class_root, frame = scan(root, classes)
+def build_dataset(root, classes=None, valid_frac=0.15, test_frac=0.15, seed=42, strict=False, labels=None,
+                  label_column=None, split_column=None) -> Dataset:
+    """Scan (folders, or the `labels` table), check and split a data root (with `split_column`, the table's split)."""
+    class_root, frame = scan(root, classes, labels, label_column, split_column)
     report = check(class_root, frame, strict=strict)
     found = sorted(set(frame["label"]))
     for label in found:
         if not (report.frame["label"] == label).any():
-            raise SmidsError(f"class {label} in {class_root} has no readable image")
-    manifest = split(report.frame, valid_frac, test_frac, seed)
-    labels = list(classes and [canonical_class(c) for c in classes] or found)
-    return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), labels, report)
+            raise SmidsError(f"class {label} in {labels or class_root} has no readable image")
+    if split_column:
+        manifest = table_split(report.frame, Path(labels), valid_frac, seed)
+    else:
+        manifest = split(report.frame, valid_frac, test_frac, seed)
+    names = list(classes and [c if labels else canonical_class(c) for c in classes] or found)
+    return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), names, report,
+                   Path(labels) if labels else None, label_column if labels else None)
 
 
 def write_manifest(dataset: Dataset, path: str | os.PathLike) -> Path:
@@ -399,13 +547,13 @@ def write_manifest(dataset: Dataset, path: str | os.PathLike) -> Path:
     return path
 
 
-SPLITS = ("train", "valid", "test")
 
-
-def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tuple[str, ...]) -> None:
+def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tuple[str, ...],
+                        table: tuple[Path, dict[str, str]] | None = None) -> None:
     """Refuse, naming the row (CSV line number) and the reason, what would make the split a lie:
-    paths leaving the data root, unknown splits, labels that are not the file's folder, repeated
-    rows, one image (by pixels) in two splits, and a missing split that is needed."""
+    paths leaving the data root, unknown splits, labels that are not the file's folder (or, for data
+    labelled by a `table`, (its path, {path: label}), not the table's label), repeated rows, one image
+    (by pixels) in two splits, and a missing split that is needed."""
     def refuse(index, reason):
         raise SmidsError(f"manifest {path}, line {index + 2} ({manifest.at[index, 'path']}): {reason}")
 
@@ -417,7 +565,12 @@ def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tup
             refuse(index, "the path leaves the data root (absolute or '..'); manifest paths are relative to it")
         if row["split"] not in SPLITS:
             refuse(index, f"split {row['split']!r} is not one of {', '.join(SPLITS)}")
-        if len(rel.parts) < 2 or canonical_class(rel.parts[0]) != row["label"]:
+        if table is not None:
+            if table[1].get(rel.as_posix()) != row["label"]:
+                given = table[1].get(rel.as_posix())
+                refuse(index, f"label {row['label']!r} is not the one labels table {table[0]} gives "
+                              f"({'none: the table does not list it' if given is None else repr(given)})")
+        elif len(rel.parts) < 2 or canonical_class(rel.parts[0]) != row["label"]:
             refuse(index, f"label {row['label']!r} is not the file's class folder (labels come from folders)")
     repeated = manifest["path"].duplicated()
     if repeated.any():
@@ -435,23 +588,25 @@ def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tup
 
 
 def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None,
-                  required_splits: tuple[str, ...] = ()) -> Dataset:
+                  required_splits: tuple[str, ...] = (), labels: str | os.PathLike | None = None,
+                  label_column: str | None = None) -> Dataset:
     """Reuse a manifest's split; refuse it when a row is inconsistent (check_manifest_rows), any
-    listed file is missing, or its pixels changed. Training requires all three splits."""
+    listed file is missing, or its pixels changed. Training requires all three splits. With `labels`
+    (a table and its `label_column`) the paths are relative to `root` and the labels are the table's."""
     path = Path(path)
-    try:
-        manifest = pd.read_csv(path, dtype={"hash": str, "path": str, "label": str, "split": str})
-    except pd.errors.EmptyDataError:
-        raise SmidsError(f"manifest {path} is empty") from None
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise SmidsError(f"cannot read manifest {path}: {exc}") from None
+    manifest = read_csv(path, "manifest", dtype={"hash": str, "path": str, "label": str, "split": str})
     missing_columns = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing_columns:
         raise SmidsError(f"{path} is not a split manifest (missing columns: {', '.join(sorted(missing_columns))})")
     if manifest.empty:
         raise SmidsError(f"manifest {path} lists no images")
-    check_manifest_rows(manifest, path, required_splits)
-    class_root = find_class_root(root, sorted(set(manifest["label"])))
+    table = None
+    if labels:
+        class_root, listed = read_table(root, labels, label_column)
+        table = (Path(labels), dict(zip(listed["path"], listed["label"])))
+    check_manifest_rows(manifest, path, required_splits, table)
+    if not labels:
+        class_root = find_class_root(root, sorted(set(manifest["label"])))
     with progress(list(manifest.itertuples(index=False)), "Verifying manifest") as rows:
         for row in rows:
             file = class_root / row.path
@@ -463,9 +618,10 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: lis
                 raise SmidsError(f"manifest {path} lists {file}, which is no longer readable: {exc}") from None
             if current != row.hash:
                 raise SmidsError(f"{file} changed since manifest {path} was written (hash {row.hash} → {current})")
-    labels = [canonical_class(c) for c in classes] if classes else sorted(set(manifest["label"]))
-    manifest = manifest[manifest["label"].isin(labels)]
-    return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), labels)
+    names = [c if labels else canonical_class(c) for c in classes] if classes else sorted(set(manifest["label"]))
+    manifest = manifest[manifest["label"].isin(names)]
+    return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), names,
+                   table=Path(labels) if labels else None, label_column=label_column if labels else None)
 
 
 # --------------------------------------------------------------------------- tensor cache

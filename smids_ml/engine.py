@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
-from smids_ml.models import FIXED_INPUT_MODELS
+from smids_ml.models import FIXED_INPUT_MODELS, classifier_of
 
 Callback = Callable[[int, dict], None]
 
@@ -45,11 +45,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter but the classifier's: what --freeze-epochs holds and --backbone-lr slows."""
+    head = {id(p) for p in classifier_of(model).parameters()}
+    return [p for p in model.parameters() if id(p) not in head]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The fused (one kernel for all parameters) implementations where torch has them, on CPU and CUDA: the
-    same update as the per-parameter loop, which on a CPU costs a tenth of a small network's step."""
+    same update as the per-parameter loop, which on a CPU costs a tenth of a small network's step. With
+    --backbone-lr the classifier (group 0) and the backbone (group 1) get their own learning rates."""
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    if cfg.backbone_lr != 1:
+        backbone = backbone_parameters(model)
+        params = [{"params": list(classifier_of(model).parameters()), "lr": cfg.lr},
+                  {"params": backbone, "lr": cfg.lr * cfg.backbone_lr}]
     if cfg.optimizer == "SGD":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=fused)
     optimizer = torch.optim.AdamW if cfg.optimizer == "AdamW" else torch.optim.Adam
@@ -98,7 +109,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     if cfg.scheduler in ("onecycle", "linear") and total >= 3:  # OneCycleLR needs a step in each of its two phases
         warmup = min(max(round(cfg.warmup_epochs * steps_per_epoch), 2), total - 1)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warmup / total,
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total, pct_start=warmup / total,
             anneal_strategy="cos" if cfg.scheduler == "onecycle" else "linear"), True
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs), False
@@ -236,8 +247,11 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
     history, best_score, best_state, waited = History(), -float("inf"), None, 0
     validating = len(batches["valid"]) > 0
     sizes = epoch_sizes(cfg)
+    backbone = backbone_parameters(model) if cfg.freeze_epochs else []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
+        for p in backbone:  # no gradient, so the optimiser leaves them (and their weight decay) alone
+            p.requires_grad_(epoch > cfg.freeze_epochs)
         lr = optimizer.param_groups[0]["lr"]
         batches["train"].size = sizes[epoch - 1]
         metrics = train_one_epoch(model, batches["train"], optimizer, criterion, device, precision,

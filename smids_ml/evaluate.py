@@ -197,8 +197,10 @@ def resolve_model(uri: str) -> ModelSource:
     return ModelSource(uri, None, uri)  # a path or artifact URI: loadable, but its training run is unknown
 
 
-def evaluation_data(source: ModelSource, data: str | None, split_manifest: str | None, workdir: str) -> Dataset:
-    """The verified manifest (the training run's unless given) on the data root (the run's `data` unless given)."""
+def evaluation_data(source: ModelSource, data: str | None, split_manifest: str | None, workdir: str,
+                    labels: str | None = None, label_column: str | None = None) -> Dataset:
+    """The verified manifest (the training run's unless given) on the data root (the run's `data` unless given),
+    its labels checked against the labels table the run used (or `labels`), when it used one."""
     if source.run_id is None and not (data and split_manifest):
         raise SmidsError(f"cannot tell which run trained {source.uri}: pass --data and --split-manifest")
     try:
@@ -206,15 +208,17 @@ def evaluation_data(source: ModelSource, data: str | None, split_manifest: str |
             where = f"{workdir}/training-run-{source.run_id}"  # so that errors say whose manifest it is
             split_manifest = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path="manifest.csv",
                                                                  dst_path=where)
+        params = MlflowClient().get_run(source.run_id).data.params if source.run_id else {}
         if not data:  # the absolute class root the run used; `data` as typed may be relative to another folder
-            params = MlflowClient().get_run(source.run_id).data.params
             data = params.get("data_root") or params.get("data")
+        if not labels and params.get("labels_table"):
+            labels, label_column = params["labels_table"], params.get("label_column")
     except MlflowException as exc:
         raise SmidsError(f"training run {source.run_id} of {source.uri} has no usable manifest.csv "
                          f"({one_line(exc)}); pass --split-manifest") from None
     if not data:
         raise SmidsError(f"training run {source.run_id} has no `data` parameter; pass --data")
-    return load_manifest(split_manifest, data)
+    return load_manifest(split_manifest, data, labels=labels, label_column=label_column)
 
 
 def training_manifest(source: ModelSource, workdir: str) -> pd.DataFrame:
@@ -228,10 +232,11 @@ def training_manifest(source: ModelSource, workdir: str) -> pd.DataFrame:
                          f"({one_line(exc)}); cannot tell which images it trained on") from None
 
 
-def foreign_data(source: ModelSource, data: str, workdir: str, strict: bool = False) -> tuple[Dataset, pd.DataFrame]:
-    """Every readable image of a labelled folder the training run never listed, as split `all`, and the
-    rows left out because their pixels are in the training run's manifest (any split of it)."""
-    class_root, frame = scan(data)
+def foreign_data(source: ModelSource, data: str, workdir: str, strict: bool = False, labels: str | None = None,
+                 label_column: str | None = None) -> tuple[Dataset, pd.DataFrame]:
+    """Every readable image of a labelled folder (or table) the training run never listed, as split `all`, and
+    the rows left out because their pixels are in the training run's manifest (any split of it)."""
+    class_root, frame = scan(data, labels=labels, label_column=label_column)
     report = check(class_root, frame, strict=strict)
     for line in report.lines():
         click.echo(line, err=True)
@@ -249,7 +254,8 @@ def foreign_data(source: ModelSource, data: str, workdir: str, strict: bool = Fa
     if overlap.all():
         raise SmidsError(f"every readable image in {class_root} is in the training run's manifest: nothing to evaluate")
     kept = manifest[~overlap].sort_values("path").reset_index(drop=True)
-    return Dataset(class_root, kept, sorted(set(kept["label"]))), manifest[overlap].reset_index(drop=True)
+    return (Dataset(class_root, kept, sorted(set(kept["label"])), table=Path(labels) if labels else None,
+                    label_column=label_column if labels else None), manifest[overlap].reset_index(drop=True))
 
 
 def select_split(dataset: Dataset, split: str, classes: list[str], uri: str) -> Dataset:
@@ -262,7 +268,7 @@ def select_split(dataset: Dataset, split: str, classes: list[str], uri: str) -> 
     if rows.empty:
         raise SmidsError(f"the manifest has no {split} images (a cross-validation ensemble trained on all of its "
                          "data); score a folder the model never saw with --data FOLDER --split all")
-    return Dataset(dataset.root, rows.reset_index(drop=True), list(classes))
+    return dataset.with_manifest(rows.reset_index(drop=True), list(classes))
 
 
 @dataclass
@@ -276,15 +282,18 @@ class Evaluation:
 
 
 def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None = None, split: str = "test",
-             batch: int = 64, experiment: str | None = DEFAULT_EXPERIMENT) -> Evaluation:
+             batch: int = 64, experiment: str | None = DEFAULT_EXPERIMENT, labels: str | None = None,
+             label_column: str | None = None) -> Evaluation:
     """Evaluate one model in a new (or `mlflow run`'s) run; tag its registered version with the headline metrics."""
+    if bool(labels) != bool(label_column):
+        raise SmidsError("--labels and --label-column go together: the table, and which of its columns holds the classes")
     source = resolve_model(model_uri)
     excluded = None
     with tempfile.TemporaryDirectory() as workdir:
         if split == "all" and data and not split_manifest:
-            dataset, excluded = foreign_data(source, data, workdir)
+            dataset, excluded = foreign_data(source, data, workdir, labels=labels, label_column=label_column)
         else:
-            dataset = evaluation_data(source, data, split_manifest, workdir)
+            dataset = evaluation_data(source, data, split_manifest, workdir, labels, label_column)
     model = load_classifier(source.uri)
     part = select_split(dataset, split, model.classes, model_uri)
     images = model.pack([load_tensors(part, *spec) for spec in model.inputs])
@@ -296,6 +305,7 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
         tracking.log_new_params({"model_uri": model_uri, "split": split, "data_root": str(part.root),
                            "n_images": len(part.manifest), "classes": ",".join(model.classes)})
         tracking.log_frame(part.manifest[MANIFEST_COLUMNS], "manifest.csv")  # exactly the images evaluated
+        tracking.log_dataset(part, "test")
         if excluded is not None:
             mlflow.log_param("n_excluded_seen_in_training", len(excluded))
             tracking.log_frame(excluded[MANIFEST_COLUMNS], "excluded_seen_in_training.csv")
@@ -326,6 +336,9 @@ def summary(metrics: dict[str, float], classes: list[str], prefix: str) -> str:
 @click.command("evaluate", cls=Command)
 @click.argument("model_uri")
 @click.option("--data", default=None, help="Data root (default: the one the model's training run used).")
+@click.option("--labels", default=None, help="A CSV table of labels (paths relative to --data) in place of class "
+                                            "folders (default: the table the model's training run used, if any).")
+@click.option("--label-column", default=None, help="The --labels column whose values are the classes.")
 @click.option("--split-manifest", default=None,
               help="Manifest CSV to evaluate (default: the manifest.csv logged with the model's training run).")
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True,
@@ -334,12 +347,13 @@ def summary(metrics: dict[str, float], classes: list[str], prefix: str) -> str:
                    "leaving out and reporting those whose pixels are in the training run's manifest.")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment for the run.")
-def main(model_uri, data, split_manifest, split, batch, experiment):
+def main(model_uri, data, labels, label_column, split_manifest, split, batch, experiment):
     """Evaluate MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS, models:/m-ID, runs:/RUN/model).
 
-    Empty --data or --split-manifest (as `mlflow run` passes them) mean "not given".
+    Empty --data, --labels, --label-column or --split-manifest (as `mlflow run` passes them) mean "not given".
     """
-    result = evaluate(model_uri, data or None, split_manifest or None, split, batch, experiment)
+    result = evaluate(model_uri, data or None, split_manifest or None, split, batch, experiment, labels or None,
+                      label_column or None)
     click.echo(f"{model_uri} ({result.source.canonical}): {len(result.predictions)} images of split {split}, "
                f"evaluation run {result.run_id}")
     click.echo(summary(result.metrics, result.classes, split))

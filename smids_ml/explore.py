@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 
-from smids_ml import plots, tracking
+from smids_ml import SmidsError, plots, tracking
 from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig
 from smids_ml.console import Command
@@ -60,9 +60,12 @@ def sample_grid(report: CheckReport, class_root, per_class: int = 6, seed: int =
                             title="Sample images per class")
 
 
-def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> dict:
-    """Scan and check `root`, print a summary, log figures and tables to a new MLflow run."""
-    class_root, frame = scan(root, classes)
+def explore(root, classes=None, experiment: str | None = "smids-ml-explore", labels=None, label_column=None) -> dict:
+    """Scan and check `root` (labelled by folders, or by the `labels` table), print a summary, log figures and
+    tables to a new MLflow run."""
+    if bool(labels) != bool(label_column):
+        raise SmidsError("--labels and --label-column go together: the table, and which of its columns holds the classes")
+    class_root, frame = scan(root, classes, labels, label_column)
     report = check(class_root, frame)
     counts, resolutions = class_counts(report.frame), resolution_table(report.frame)
     problems = pd.DataFrame(report.problems, columns=["path", "reason"])
@@ -84,7 +87,8 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> 
     use_experiment(experiment)
     with mlflow.start_run(run_name="explore") as run:
         tracking.log_new_params({"data_root": str(class_root), "class_names": ",".join(counts["label"]),
-                                 "defaults_adapted": adapted})
+                                 "defaults_adapted": adapted,
+                                 **({"labels": labels, "label_column": label_column} if labels else {})})
         mlflow.log_metrics({k: v for k, v in facts.items()})
         tracking.log_frame(counts, "explore/class_counts.csv")
         tracking.log_frame(resolutions, "explore/resolutions.csv")
@@ -107,11 +111,15 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore") -> 
 
 @click.command("explore", cls=Command)
 @click.argument("data", type=click.Path(path_type=str))
+@click.option("--labels", default=None, help="A CSV table of labels (a `path` column relative to DATA) in place of "
+                                            "class folders.")
+@click.option("--label-column", default=None, help="The --labels column whose values are the classes.")
 @click.option("--classes", default=None, help="Comma-separated class folders (default: every class folder found).")
 @click.option("--experiment", default="smids-ml-explore", show_default=True, help="MLflow experiment name.")
-def main(data, classes, experiment):
+def main(data, labels, label_column, classes, experiment):
     """Summarise a data root (classes, resolutions, unreadable files, duplicates) and log it to MLflow."""
-    explore(data, [c for c in classes.split(",") if c] if classes else None, experiment)
+    explore(data, [c for c in classes.split(",") if c] if classes else None, experiment, labels or None,
+            label_column or None)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def choose(study: optuna.Study, count: int) -> list[optuna.trial.FrozenTrial]:
 def training_part(dataset: Dataset) -> Dataset:
     """The rows every trial trained or was selected on (train and valid), all as `train`; test stays out."""
     rows = dataset.manifest[dataset.manifest["split"] != "test"].assign(split="train").reset_index(drop=True)
-    return Dataset(dataset.root, rows, dataset.classes)
+    return dataset.with_manifest(rows)
 
 
 def part_ratio(dataset: Dataset) -> float:
@@ -106,7 +106,7 @@ def refit(winner: optuna.trial.FrozenTrial, search: Search, outcome: Outcome | N
     cfg = search.config_of(winner)
     tags = {REFIT_OF: winner.user_attrs.get(RUN_ID_ATTR, ""), "optuna.trial": str(winner.number)}
     part = training_part(search.dataset)
-    whole = Dataset(part.root, pd.concat([part.manifest, search.dataset.part("test")], ignore_index=True), part.classes)
+    whole = part.with_manifest(pd.concat([part.manifest, search.dataset.part("test")], ignore_index=True))
     name = f"refit trial-{winner.number:03d}" + (" (fold ensemble)" if how == "ensemble" else "")
     with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
         mlflow.log_param("refit", how)

@@ -180,5 +180,20 @@ def build_for(cfg, num_classes: int, pretrained: bool = False) -> nn.Module:
     return D4Average(network) if cfg.tta == "d4" else network
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network itself, without the test-time averaging wrapper."""
+    return model.network if isinstance(model, D4Average) else model
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The attribute of the unwrapped network that maps features to classes (replaced when a network starts
+    another class set); everything else is the backbone."""
+    return "fc" if isinstance(unwrap(model), tv.ResNet) else "classifier"
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    return getattr(unwrap(model), classifier_name(model))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

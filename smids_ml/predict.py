@@ -151,6 +151,21 @@ def predict_inputs(model, inputs: Iterable[str], batch: int = 64, every: int = 3
     return to_table(model, samples, min_confidence)
 
 
+def per_label(models: list, inputs: Iterable[str], batch: int = 64, every: int = 30,
+              min_confidence: float = 0.0) -> pd.DataFrame:
+    """Several models (one per label, as `train --label-column a,b` registers them) on the same inputs: path, frame,
+    then each model's label and confidence in columns named by its label column (or its position), and error."""
+    names = [m.config.label_column or f"model{i + 1}" for i, m in enumerate(models)]
+    if len(set(names)) < len(names):
+        names = [f"model{i + 1}" for i in range(len(models))]
+    tables = [predict_inputs(model, inputs, batch, every, min_confidence) for model in models]
+    out = tables[0][["path", "frame"]].copy()
+    for name, table in zip(names, tables):
+        out[name], out[f"{name}_confidence"] = table["label"], table["confidence"]
+    out["error"] = tables[0]["error"]
+    return out
+
+
 def write_overlays(model, table: pd.DataFrame, folder: Path, batch: int = 32) -> int:
     """One PNG per image file that was read (video frames are not explained): the crop at its own size with the
     Grad-CAM map of its predicted class over it, named after the file (`-2`, `-3`... when names repeat)."""
@@ -180,11 +195,12 @@ def write_overlays(model, table: pd.DataFrame, folder: Path, batch: int = 32) ->
 def render(table: pd.DataFrame) -> str:
     """Aligned columns for the terminal: text left, numbers right with 3 decimals, blanks for missing."""
     columns = [c for c in table.columns if c != "error" or table["error"].notna().any()]
+    text = {c for c in columns if c in TEXT_COLUMNS or not pd.api.types.is_numeric_dtype(table[c])}  # labels per model
     cells = [list(columns)]
     for row in table[columns].itertuples(index=False):
-        cells.append(["" if pd.isna(v) else str(v) if c in TEXT_COLUMNS else f"{v:.3f}" for c, v in zip(columns, row)])
+        cells.append(["" if pd.isna(v) else str(v) if c in text else f"{v:.3f}" for c, v in zip(columns, row)])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    right = [c not in TEXT_COLUMNS or c == "frame" for c in columns]
+    right = [c not in text or c == "frame" for c in columns]
     return "\n".join("  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(line, widths, right)).rstrip()
                      for line in cells)
 
@@ -215,15 +231,22 @@ def write(table: pd.DataFrame, path: Path) -> None:
               help=f"Label predictions whose top probability is below this {UNCERTAIN!r}.")
 def main(model_uri, inputs, output, batch, every, explain_dir, min_confidence):
     """Classify INPUTs (image files, folders, glob patterns, .mp4/.avi/.mov/.mkv videos) with the
-    MLflow model at MODEL_URI (models:/name/1, models:/name@alias, runs:/<id>/model)."""
+    MLflow model at MODEL_URI (models:/name/1, models:/name@alias, runs:/<id>/model). Several comma-separated
+    models (one per label, e.g. models:/m-acrosome/1,models:/m-head/1) give one label and confidence column each."""
     output = Path(output) if output else None
     if output is not None:
         if output.suffix.lower() not in OUTPUT_FORMATS:
             raise SmidsError(f"--output {output}: unknown format; use a .csv or .json file name")
         if output.parent.exists() and not output.parent.is_dir():
             raise SmidsError(f"--output {output}: {output.parent} is not a folder")
-    model = load_classifier(model_uri)
-    table = predict_inputs(model, inputs, batch, every, min_confidence)
+    models = [load_classifier(uri.strip()) for uri in model_uri.split(",") if uri.strip()]
+    if len(models) > 1 and explain_dir is not None:
+        raise SmidsError("--explain shows where one model looked: give one MODEL_URI")
+    if len(models) > 1:
+        table = per_label(models, inputs, batch, every, min_confidence)
+    else:
+        model = models[0]
+        table = predict_inputs(model, inputs, batch, every, min_confidence)
     click.echo(render(table))
     if output is not None:
         write(table, output)
@@ -231,7 +254,7 @@ def main(model_uri, inputs, output, batch, every, explain_dir, min_confidence):
         count = write_overlays(model, table, explain_dir)
         click.echo(f"wrote {count} overlays to {explain_dir}", err=True)
     failed = int(table["error"].notna().sum())
-    uncertain = int((table["label"] == UNCERTAIN).sum())
+    uncertain = int(table.isin([UNCERTAIN]).any(axis=1).sum())
     click.echo(f"{len(table) - failed} predicted" + (f" ({uncertain} {UNCERTAIN})" if uncertain else "")
                + f", {failed} failed" + (f"; written to {output}" if output else ""), err=True)
     if failed:

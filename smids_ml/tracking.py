@@ -26,7 +26,7 @@ from mlflow.models import infer_signature
 import smids_ml
 from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
-from smids_ml.data import Dataset, open_image
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, open_image
 from smids_ml.plots import close
 
 PACKAGE_DIR = Path(smids_ml.__file__).parent
@@ -64,18 +64,47 @@ def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> 
     params = {k: ("" if v is None else v) for k, v in cfg.to_dict().items()}
     counts = dataset.counts()
     params.update(class_names=",".join(dataset.classes), num_classes=len(dataset.classes),
-                  num_parameters=num_parameters, data_fingerprint=dataset.fingerprint(), data_root=str(dataset.root))
+                  num_parameters=num_parameters, data_fingerprint=dataset.fingerprint(), **data_params(dataset))
     for part in ("train", "valid", "test"):
         params[f"n_{part}"] = int(counts[part].sum()) if part in counts else 0
     for label in dataset.classes:
         params[f"count_{label}"] = int(counts.loc[label].sum()) if label in counts.index else 0
     log_new_params(params)
+    log_dataset(dataset, "train")
     tags = {f"version.{k}": v for k, v in library_versions().items()} | process_tags()
     tags["version.smids_ml"] = smids_ml.__version__
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def mark_experiment(experiment) -> None:
+    """Tag an experiment as model training, unless it says otherwise already: MLflow 3's UI opens an untagged
+    experiment on its GenAI overview (traces, token usage) instead of its runs."""
+    if EXPERIMENT_KIND not in experiment.tags:
+        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+
+
+def log_dataset(dataset: Dataset, context: str) -> None:
+    """The run's data as an MLflow dataset input (the runs table's Dataset column, and a way to find every run
+    on the same data): the manifest, named by the data root or the labels table and its column, with the data
+    fingerprint (images by pixel hash, labels, split) as digest and the folder or table as source."""
+    frame = dataset.manifest[[c for c in MANIFEST_COLUMNS if c in dataset.manifest]]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")  # MLflow's own duplicate
+        data = mlflow.data.from_pandas(frame, source=str(dataset.source), targets="label", name=dataset.name,
+                                       digest=dataset.fingerprint())
+    mlflow.log_input(data, context=context)
+
+
+def data_params(dataset: Dataset) -> dict[str, str]:
+    """Where a run's images and labels are, so that `evaluate` finds them again: the data root, and the labels
+    table (absolute) when the labels come from one."""
+    return {"data_root": str(dataset.root), **({"labels_table": str(dataset.table.resolve())} if dataset.table else {})}
 
 
 HOST_TAG, PID_TAG = "smids_ml.host", "smids_ml.pid"

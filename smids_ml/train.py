@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from smids_ml import SmidsError
-from smids_ml import plots, tracking
+from smids_ml import plots, tracking, transfer
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
 from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
@@ -52,30 +52,40 @@ class TrainResult:
 
 def prepare_data(cfg: TrainConfig) -> Dataset:
     """The checked, split data set: from --split-manifest when given (verified), else split anew."""
+    if len(cfg.label_columns) > 1:
+        raise SmidsError(f"--label-column {cfg.label_column}: several label columns train one model each with `train`; "
+                         "this command takes one")
     if cfg.split_manifest:
         needed = SPLITS if cfg.valid_frac > 0 else ("train", "test")
-        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, required_splits=needed)
+        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, needed, cfg.labels, cfg.label_column)
     else:
-        dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict)
+        dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict,
+                                cfg.labels, cfg.label_column, cfg.split_column)
         for line in dataset.report.lines():
             click.echo(line, err=True)
     if len(dataset.classes) < 2:
-        raise SmidsError(f"{dataset.root} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
-                         "a classifier needs at least two class folders")
+        where = f"column {cfg.label_column!r} of {cfg.labels}" if cfg.labels else str(dataset.root)
+        raise SmidsError(f"{where} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
+                         "a classifier needs at least two")
     return dataset
 
 
 def use_experiment(name: str | None) -> None:
-    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment).
-    A tracking server that does not answer is one line naming it (MLflow would retry for minutes)."""
+    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment), and mark
+    it as model training (`tracking.mark_experiment`). A tracking server that does not answer is one line naming
+    it (MLflow would retry for minutes)."""
     tracking.check_server()
-    if name and not os.environ.get("MLFLOW_RUN_ID"):
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        tracking.mark_experiment(mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id))
+    elif name:
         try:
-            mlflow.set_experiment(name)
+            experiment = mlflow.set_experiment(name)
         except MlflowException as exc:  # another worker created it between our look-up and our create
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            mlflow.set_experiment(name)
+            experiment = mlflow.set_experiment(name)
+        tracking.mark_experiment(experiment)
 
 
 def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bool = True) -> TrainResult:
@@ -89,6 +99,8 @@ def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bo
     images = load_tensors(dataset, cfg.image_size, cfg.channels, cfg.resize)
     seed_everything(cfg.seed)
     network = build_for(cfg, len(dataset.classes), cfg.pretrained)
+    if cfg.init_from:
+        transfer.initialise(network, cfg)
     batches = make_batches(dataset, images, cfg.batch, cfg.augment, cfg.augment_strength, cfg.seed, device,
                            cfg.rotation, cfg.scale_shift, cycle=cfg.orientations == "cycle")
     tracking.log_run_context(cfg, dataset, count_parameters(network))
@@ -135,8 +147,9 @@ def log_split_and_config(dataset: Dataset, cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
           register_as: str | None = None, alias: str | None = None, members: int = 1,
           dataset: Dataset | None = None, member_models: list[str] | None = None,
-          member_recipes: list[str] | None = None) -> TrainResult:
-    """Prepare data (unless given), train in a new (or `mlflow run`'s) run, optionally register the model.
+          member_recipes: list[str] | None = None, nested: bool = False) -> TrainResult:
+    """Prepare data (unless given), train in a new (or `mlflow run`'s, or with `nested` a child) run, optionally
+    register the model.
     With several members (`members` seeds of each of `member_models` or `member_recipes`, default cfg's
     recipe) the result's history and network are the first member's; `networks` holds them all."""
     tracking.check_registry_names(register_as, alias)
@@ -145,7 +158,7 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     configs = [adapt(c, dataset) for c in configs]
     use_experiment(experiment)
     members = len(configs)
-    with mlflow.start_run(run_name=run_name):
+    with mlflow.start_run(run_name=run_name, nested=nested):
         if members == 1:
             result = run_training(configs[0], dataset)
         else:
@@ -158,6 +171,22 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
                 **({f"valid_{monitor}": score} if score is not None and members == 1 else {})})
             result.version = version.version
     return result
+
+
+def train_per_label(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
+                    register_as: str | None = None, alias: str | None = None, **options) -> dict[str, TrainResult]:
+    """`--label-column a,b,c`: one model per label column, each in a nested run under one parent run and registered
+    as REGISTER_AS-<column> (one network per label: each label is its own task, with its own balance). Every
+    column is read and checked before any run starts. `options` go to `train` (members)."""
+    configs = {column: cfg.replace(label_column=column) for column in cfg.label_columns}
+    datasets = {column: prepare_data(config) for column, config in configs.items()}
+    use_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, tags=tracking.process_tags()):
+        tracking.log_new_params({k: "" if v is None else v for k, v in cfg.to_dict().items()})
+        for dataset in datasets.values():
+            tracking.log_dataset(dataset, "train")
+        return {column: train(configs[column], None, f"label {column}", register_as and f"{register_as}-{column}",
+                              alias, dataset=datasets[column], nested=True, **options) for column in configs}
 
 
 def member_configs(cfg: TrainConfig, members: int, models: list[str] | None = None,
@@ -215,7 +244,8 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
 @config_options()
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="MLflow run name.")
-@click.option("--register-as", default=None, help="Register the model under this name in the model registry.")
+@click.option("--register-as", default=None, help="Register the model under this name in the model registry (with "
+                                                 "several --label-column columns, one model each as NAME-<column>).")
 @click.option("--alias", default=None, help="Alias to point at the registered version (e.g. champion).")
 @click.option("--members", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train this many models (seeds --seed, --seed+1, ...) on the same split and log them as one "
@@ -230,26 +260,33 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
                    "size. Training flags go in the recipes.")
 @stops_cleanly("the run is marked FAILED")
 def main(experiment, run_name, register_as, alias, members, member_models, member_recipes, **options):
-    """Train one model (or an ensemble of --members) on a folder of class folders and log everything to MLflow."""
+    """Train one model (or an ensemble of --members; or one per --label-column) on a folder of class folders or a
+    labels table, and log everything to MLflow."""
     cfg = config_from_options(options)
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
     models = [m.strip() for m in member_models.split(",") if m.strip()]
     recipes = [r.strip() for r in member_recipes.split(",") if r.strip()]
-    result = train(cfg, experiment, run_name, register_as, alias, members, member_models=models,
-                   member_recipes=recipes)
-    members = len(result.networks)
-    history, best = result.history, result.history.best
-    if "valid_acc" in best:
-        click.echo(f"run {result.run_id}: best epoch {history.best_epoch}/{len(history.epochs)}, "
-                   f"valid_acc {best['valid_acc']:.4f}, valid_f1 {best['valid_f1']:.4f}")
+    options = dict(members=members, member_models=models, member_recipes=recipes)
+    if len(cfg.label_columns) > 1:
+        results = train_per_label(cfg, experiment, run_name, register_as, alias, **options)
     else:
-        click.echo(f"run {result.run_id}: kept the last epoch ({history.best_epoch}; no validation split), "
-                   f"train_acc {best['train_acc']:.4f} on augmented batches")
-    if members > 1:
-        click.echo(f"logged the {members}-model ensemble as {result.model_uri} (the line above is member 1)")
-    if result.version:
-        click.echo(f"registered models:/{register_as}/{result.version}" + (f" (@{alias})" if alias else ""))
+        results = {cfg.label_column: train(cfg, experiment, run_name, register_as, alias, **options)}
+    for column, result in results.items():
+        members = len(result.networks)
+        history, best = result.history, result.history.best
+        label = f"{column}: " if len(results) > 1 else ""
+        if "valid_acc" in best:
+            click.echo(f"{label}run {result.run_id}: best epoch {history.best_epoch}/{len(history.epochs)}, "
+                       f"valid_acc {best['valid_acc']:.4f}, valid_f1 {best['valid_f1']:.4f}")
+        else:
+            click.echo(f"{label}run {result.run_id}: kept the last epoch ({history.best_epoch}; no validation split), "
+                       f"train_acc {best['train_acc']:.4f} on augmented batches")
+        if members > 1:
+            click.echo(f"logged the {members}-model ensemble as {result.model_uri} (the line above is member 1)")
+        if result.version:
+            name = f"{register_as}-{column}" if len(results) > 1 else register_as
+            click.echo(f"registered models:/{name}/{result.version}" + (f" (@{alias})" if alias else ""))
 
 
 if __name__ == "__main__":

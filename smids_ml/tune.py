@@ -39,6 +39,7 @@ from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, RUN_ID_ATTR, best_tria
                               enqueue_defaults, fail_stale_trials, make_pruner, make_sampler, open_storage,
                               ranked_trials, retry_failed, run_exists, study_lock)
 from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, use_experiment
+from smids_ml.transfer import MUST_MATCH
 
 DEFAULT_TPE_TRIALS = 20
 # Trials are ranked, pruned and early-stopped on validation, so tune carves one even where train's default does not.
@@ -69,6 +70,14 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         raise SmidsError(f"tune ranks trials by their validation {base.monitor}: --valid-frac must be above 0 "
                          "(0.15 is usual)")
     space = load_space(space_name)
+    if base.init_from:  # the source's network fixes its architecture and channels: they cannot be searched
+        held = [k for k in MUST_MATCH if k in space["params"] or k in space["fixed"]]
+        space = {part: {k: v for k, v in values.items() if k not in held} for part, values in space.items()}
+        if held:
+            click.echo(f"--init-from {base.init_from} fixes {', '.join(held)} (the source's): left out of the search",
+                       err=True)
+        if not space["params"]:
+            raise SmidsError(f"--init-from {base.init_from} fixes every parameter of --space {space_name}")
     storage = storage or default_storage()
     if isinstance(space_name, dict):
         space_name = json.dumps(space_name)  # logged as the parent run's `space`

@@ -77,6 +77,27 @@ def synth_data(session_tmp) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_table(synth_data, session_tmp) -> Path:
+    """The synthetic crops as a data set labelled by a table (read-only): `images/crop_NN.bmp` and `labels.csv`
+    with two label columns, `shape` (normal, abnormal; empty for the non-sperm crops) and `debris` (yes, no),
+    and the data set's own `split` (train, valid: as MHSMA's)."""
+    import shutil
+
+    root = session_tmp / "synth-table"
+    if not root.exists():
+        (root / "images").mkdir(parents=True)
+        rows = []
+        for i, file in enumerate(sorted(synth_data.rglob("*.bmp"))):
+            path = f"images/crop_{i:02d}.bmp"
+            shutil.copy(file, root / path)
+            kind = file.parent.name
+            rows.append(f"{path},{'valid' if i % 4 == 0 else 'train'},"
+                        f"{'' if kind == 'Non-Sperm' else kind.split('_')[0].lower()},{'yes' if kind == 'Non-Sperm' else 'no'}")
+        (root / "labels.csv").write_text("path,split,shape,debris\n" + "\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(session_tmp):
     """A real `mlflow server` on loopback with a SQLite backend and proxied artifacts."""
     port = free_port()

@@ -72,14 +72,24 @@ def test_ensemble_of_recipes_needs_two_recipes_and_their_cv_rows(synth_data):
 
 def test_several_data_sets_get_a_table_each_with_mcc_beside_accuracy(tracking, synth_data, tmp_path):
     grey = grey_imbalanced_set(tmp_path / "grey", synth_data, counts=(10, 6))
-    result = CliRunner().invoke(main, ["--data", str(synth_data), "--data", str(grey), "--recipes",
+    # the second data set labelled by a table (paths relative to its folder), as MHSMA's labels.csv
+    files = sorted(grey.rglob("*.png"))
+    pd.DataFrame({"path": [f.relative_to(grey).as_posix() for f in files],
+                  "kind": [f.parent.name.lower() for f in files]}).to_csv(grey / "labels.csv", index=False)
+    spec = f"{grey / 'labels.csv'}:kind"
+    result = CliRunner().invoke(main, ["--data", str(synth_data), "--data", spec, "--recipes",
                                        "default+epochs=2+image_size=32+model=improved_cnn", "--folds", "2", "--no-ensemble"])
     assert result.exit_code == 0, result.output
     summary = result.output[result.output.rindex(f"\n{synth_data}\n"):].splitlines()
     headers = [i for i, line in enumerate(summary) if line.startswith("recipe")]
-    assert len(headers) == 2 and summary[headers[1] - 1] == str(grey)
+    assert len(headers) == 2 and summary[headers[1] - 1] == spec
     for i in headers:
         assert summary[i].split()[:5] == ["recipe", "accuracy", "macro", "F1", "MCC"]
         row = summary[i + 2]
         assert row.startswith("default+epochs=2+image_size=32+model=improved_cnn (2-fold CV)")
         assert len([cell for cell in row.split("  ") if "±" in cell]) == 3  # accuracy, macro F1 and MCC over folds
+
+
+def test_a_data_set_that_is_neither_a_folder_nor_a_table_is_one_line_before_anything_trains(tmp_path, synth_data):
+    result = CliRunner().invoke(main, ["--data", str(synth_data), "--data", str(tmp_path / "none.csv:head")])
+    assert result.exit_code == 1 and "no table of labels at" in result.output and "(2-fold CV)" not in result.output

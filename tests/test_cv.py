@@ -17,6 +17,8 @@ def test_two_fold_cv_gives_a_parent_with_two_fold_runs_and_mean_std(synth_data, 
     done = mlflow_run("cv", tracking, {**TINY, "folds": 2, "data": synth_data}, tmp_path)
     assert "test_accuracy" in done.stdout
 
+    # `mlflow run` created the experiment; the command marks it as model training for MLflow 3's UI
+    assert mlflow.get_experiment_by_name(tracking).tags["mlflow.experimentKind"] == "custom_model_development"
     runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -1,0 +1,61 @@
+"""Start from another smids-ml model's network: `--init-from models:/NAME@ALIAS` (or `runs:/RUN/model`).
+
+Offline lab machines have no ImageNet weights, and those are far from stained sperm anyway; the nearest
+weights a lab has are its own earlier models in the registry. The source's network keeps its weights
+except the classifier, which is built anew for this data's classes. Its architecture and channels must
+match (they shape the weights); the input size may differ (every network here pools or is re-headed).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlflow
+import torch
+
+from smids_ml import SmidsError
+from smids_ml.config import TrainConfig
+from smids_ml.models import classifier_name, unwrap
+
+FOLLOWED = ("model", "width", "stem", "channels", "image_size", "resize")  # taken from the source unless given
+MUST_MATCH = ("model", "width", "stem", "channels")  # the shapes of the backbone's weights
+
+
+@functools.cache
+def source(uri: str):
+    """The source's config, its network and the run that trained it; one line when it is no single smids-ml model."""
+    from smids_ml.evaluate import resolve_model
+    from smids_ml.serving import load_classifier
+
+    model = load_classifier(uri)
+    if len(model.networks) != 1:
+        raise SmidsError(f"--init-from {uri} is an ensemble of {len(model.networks)} networks; start from one model")
+    return model.members[0], model.networks[0], resolve_model(uri)
+
+
+def followed_fields(uri: str) -> dict:
+    cfg = source(uri)[0]
+    return {name: getattr(cfg, name) for name in FOLLOWED}
+
+
+def check_source(cfg: TrainConfig) -> None:
+    """Refuse in one line, before any run, a source whose weights cannot fit the network `cfg` describes."""
+    own = source(cfg.init_from)[0]
+    for name in MUST_MATCH:
+        if getattr(cfg, name) != getattr(own, name):
+            flag = "--" + name.replace("_", "-")
+            raise SmidsError(f"--init-from {cfg.init_from}: its network was trained with {flag} {getattr(own, name)}, "
+                             f"so {flag} {getattr(cfg, name)} cannot take its weights (leave {flag} out to follow it)")
+
+
+def initialise(network: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Load the source's weights into `network` but for its classifier; tag the active run with the source."""
+    check_source(cfg)
+    _, trained, resolved = source(cfg.init_from)
+    head = classifier_name(network) + "."
+    weights = {k: v for k, v in unwrap(trained).state_dict().items() if not k.startswith(head)}
+    missing, unexpected = unwrap(network).load_state_dict(weights, strict=False)
+    unfit = [*unexpected, *(k for k in missing if not k.startswith(head))]
+    if unfit:
+        raise SmidsError(f"--init-from {cfg.init_from}: its weights do not fit this network ({', '.join(unfit[:3])})")
+    mlflow.set_tags({"smids_ml.init_from": resolved.canonical, "smids_ml.init_from_run": resolved.run_id or ""})
