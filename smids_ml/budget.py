@@ -25,6 +25,7 @@ import optuna
 import torch
 
 from smids_ml import SmidsError
+from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, load_tensors, make_batches
 from smids_ml.engine import make_optimizer, predict_proba, resolve_device, resolve_precision, train_one_epoch
@@ -132,6 +133,7 @@ def plan(minutes: float, cfg: TrainConfig, dataset: Dataset, rungs: int, eta: in
     """The plan for `cfg` (with `space`, for its costliest point) on `dataset` here, from a measured training epoch
     (`plan_for`)."""
     started = time.monotonic()
+    cfg = adapt(cfg, dataset)  # what tune trains: the values left to the data decided from it
     cfg, basis = costliest(cfg, space) if space else (cfg, "the base recipe")
     per_image = seconds_per_image(cfg, dataset)
     train, valid = len(dataset.part("train")), len(dataset.part("valid"))

@@ -102,7 +102,7 @@ def test_the_plan_times_the_costliest_point_of_the_space_and_says_so(tracking, s
     from smids_ml.budget import costliest
 
     text = "params:\n  model: [simple_cnn, improved_cnn]\n  image_size: [32, 48]\n  lr: {low: 0.0005, high: 0.005}\n"
-    point, basis = costliest(TrainConfig(image_size=32, model="improved_cnn"), load_space(space_file(tmp_path, "c", text)))
+    point, basis = costliest(TrainConfig(image_size=32, channels=3, model="improved_cnn"), load_space(space_file(tmp_path, "c", text)))
     assert (point.model, point.image_size) == ("simple_cnn", 48)  # the more counted FLOPs of the two
     storage = tmp_path / "optuna.journal"
     result = tune(tracking, synth_data, storage, "--sampler", "tpe", "--space", space_file(tmp_path, "cost", text),
