@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from smids_ml.console import usage_error
+from smids_ml.console import OneLineUsage, usage_error
 
 # name: (module, attribute, one-line help shown by `smids-ml --help` without importing torch or MLflow)
 COMMANDS = {
@@ -24,7 +24,7 @@ COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(OneLineUsage, click.Group):
     """Keeps `smids-ml --help` fast: torch and MLflow load only with the command that needs them."""
 
     def list_commands(self, ctx):
@@ -35,14 +35,6 @@ class LazyGroup(click.Group):
             return None
         module, attribute, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
-
-    def parse_args(self, ctx, args):
-        try:
-            return super().parse_args(ctx, args)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as exc:
-            raise usage_error(exc, ctx) from None
 
     def resolve_command(self, ctx, args):
         try:

@@ -52,8 +52,8 @@ def usage_error(exc: click.UsageError, ctx: click.Context) -> click.ClickExcepti
     return SmidsError(f"{' '.join(exc.format_message().split()).rstrip('.')} (see '{ctx.command_path} --help')")
 
 
-class Command(click.Command):
-    """The commands' class (`@click.command(cls=Command)`): usage errors are one line (`usage_error`)."""
+class OneLineUsage:
+    """Mixed into a click command or group: its usage errors are one line (`usage_error`)."""
 
     def parse_args(self, ctx, args):
         try:
@@ -62,6 +62,10 @@ class Command(click.Command):
             raise
         except click.UsageError as exc:
             raise usage_error(exc, ctx) from None
+
+
+class Command(OneLineUsage, click.Command):
+    """The commands' class (`@click.command(cls=Command)`)."""
 
 
 _signalled = False

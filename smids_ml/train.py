@@ -66,7 +66,7 @@ def prepare_data(cfg: TrainConfig) -> Dataset:
     if len(dataset.classes) < 2:
         where = f"column {cfg.label_column!r} of {cfg.labels}" if cfg.labels else str(dataset.root)
         raise SmidsError(f"{where} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
-                         "a classifier needs at least two")
+                         f"a classifier needs at least two {'classes' if cfg.labels else 'class folders'}")
     return dataset
 
 
