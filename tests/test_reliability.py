@@ -194,11 +194,12 @@ def test_an_image_size_far_beyond_any_crop_is_one_line_before_any_run(synth_data
 # --------------------------------------------------------------------------- interrupts
 
 
-def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_while_the_libraries_load_is_one_line(tmp_path, signum):
     process = subprocess.Popen([sys.executable, "-m", "smids_ml.train", "--help"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.8)  # torch alone takes seconds to import
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode != 0 and out == "", out
     assert err.strip() == "Aborted: interrupted before the command started; nothing was recorded", err
@@ -382,13 +383,3 @@ def test_signed_twelve_bit_two_channel_multi_page_and_gif_images_are_read_right_
         assert expected in lines, result.output
     assert any(line.startswith("skipped Normal_Sperm/broken\\nname.png: ") for line in lines), result.output
     assert ["Normal_Sperm", "12"] in [line.split() for line in lines], result.output  # 6 + 6 new, the broken one skipped
-
-
-def test_sigterm_while_the_libraries_load_is_one_line(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "smids_ml.train", "--help"], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.8)  # torch alone takes seconds to import
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode != 0 and out == "", out
-    assert err.strip() == "Aborted: interrupted before the command started; nothing was recorded", err
