@@ -180,6 +180,8 @@ def pretrain(folder: str, cfg: TrainConfig, temperature: float = 0.2, experiment
     register it. Everything that can be refused is refused before the run starts."""
     if not temperature > 0 or not math.isfinite(temperature):
         raise SmidsError(f"--temperature must be a number above 0, got {temperature}")
+    if cfg.batch < 2:
+        raise SmidsError(f"--batch must be at least 2 (each crop is contrasted with the others of its batch), got {cfg.batch}")
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
     tracking.check_registry_names(register_as, alias)

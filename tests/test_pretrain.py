@@ -6,12 +6,18 @@ from __future__ import annotations
 import math
 
 import mlflow
+import pandas as pd
+import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig
+from smids_ml.models import build_for
 from smids_ml.pretrain import nt_xent, pretrain_epochs, unlabelled_dataset
+from smids_ml.serving import SmidsClassifier
+from smids_ml.tracking import model_meta
 from tests.helpers import assert_one_line_error, invoke
 
 
@@ -50,3 +56,13 @@ def test_a_folder_without_images_is_one_line_and_no_run(tracking, tmp_path):
     assert mlflow.get_experiment_by_name(tracking) is None
     result = invoke(["pretrain", str(tmp_path / "missing"), "--experiment", tracking])
     assert_one_line_error(result, "does not exist")
+    result = invoke(["pretrain", str(tmp_path), "--batch", "1", "--experiment", tracking])
+    assert_one_line_error(result, "--batch must be at least 2")
+
+
+def test_a_served_pretrained_network_refuses_to_classify(tmp_path):
+    cfg = TrainConfig(model="improved_cnn", image_size=32, channels=3).validate()
+    torch.save({"members": [build_for(cfg, 1).state_dict()]}, tmp_path / "weights.pt")
+    model = SmidsClassifier().load(model_meta([cfg], ["unlabelled"], "simclr"), str(tmp_path / "weights.pt"))
+    with pytest.raises(MlflowException, match="pretrained without labels"):
+        model.predict(None, pd.DataFrame({"image": []}))
