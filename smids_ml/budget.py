@@ -30,6 +30,7 @@ from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, load_tensors, make_batches
 from smids_ml.engine import make_optimizer, predict_proba, resolve_device, resolve_precision, train_one_epoch
 from smids_ml.models import build_for
+from smids_ml.spaces import SCALES, base_value, configure
 from smids_ml.studies import RUN_ID_ATTR
 
 DEFAULT_BUDGET_MINUTES = 240  # an afternoon
@@ -105,7 +106,7 @@ class Plan:
 
 
 # the fields that set a training's compute: numbers where more is costlier, and choices to count
-COST_NUMBERS, COST_CHOICES = ("image_size", "width", "epochs", "channels"), ("model", "stem")
+COST_NUMBERS, COST_CHOICES = ("image_size", "width", "epochs", "epochs_scale", "channels"), ("model", "stem")
 
 
 def costliest(cfg: TrainConfig, space: dict) -> tuple[TrainConfig, str]:
@@ -114,15 +115,15 @@ def costliest(cfg: TrainConfig, space: dict) -> tuple[TrainConfig, str]:
     (`compute.training_flops`); the other searched fields keep cfg's value (they barely move the minutes)."""
     from smids_ml.compute import training_flops
 
-    cfg = cfg.replace(**space["fixed"])
+    cfg = configure(cfg, space["fixed"])
     params = space["params"]
     largest = {name: max(spec) if isinstance(spec, list) else spec["high"]
                for name, spec in params.items() if name in COST_NUMBERS}
-    largest = {name: type(getattr(cfg, name))(value) for name, value in largest.items()}
+    largest = {name: type(base_value(cfg, name))(value) for name, value in largest.items()}
     choices = [[(name, value) for value in params[name]] for name in COST_CHOICES if isinstance(params.get(name), list)]
-    points = [cfg.replace(**largest, **dict(combo)).validate() for combo in itertools.product(*choices)]
+    points = [configure(cfg, {**largest, **dict(combo)}) for combo in itertools.product(*choices)]
     point = max(points, key=lambda p: training_flops(p, 3, 1)) if len(points) > 1 else points[0]
-    searched = [name for name in (*COST_CHOICES, *COST_NUMBERS) if name in params]
+    searched = dict.fromkeys(SCALES.get(name, name) for name in (*COST_CHOICES, *COST_NUMBERS) if name in params)
     if not searched:
         return point, "the base recipe; the space does not change its cost"
     return point, "the costliest point of the space: " + ", ".join(f"{n}={getattr(point, n)}" for n in searched)

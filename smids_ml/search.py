@@ -25,7 +25,7 @@ from smids_ml.data import Dataset
 from smids_ml.engine import Diverged
 from smids_ml.rungs import (DEFAULT_ETA, EPOCHS_ATTR, RUNG_TAG, RUNGS_ATTR, carry, record, rung_epochs,
                             rungs_of_failed, step_of)
-from smids_ml.spaces import suggest
+from smids_ml.spaces import configure, suggest
 from smids_ml.studies import (DEFAULTS_ATTR, GRID_ATTR, RUN_ID_ATTR, best_trial, fail_stale_trials, next_grid_point,
                               ranked_trials)
 from smids_ml.train import run_training
@@ -49,7 +49,7 @@ class Search:
     def objective(self, trial: optuna.Trial) -> float:
         """One trial: a single training (pruned by epoch), or with `rungs` > 1 one complete, compressed
         schedule per rung until the pruner stops it or the last rung, at the recipe's length, gives its value."""
-        cfg = self.base.replace(**suggest(trial, self.space)).validate()
+        cfg = configure(self.base, suggest(trial, self.space))
         for key, value in tracking.process_tags().items():
             trial.set_user_attr(key, value)
         lengths = rung_epochs(cfg.epochs, self.eta, self.rungs)
@@ -130,7 +130,7 @@ class Search:
         return value <= last if study.direction == optuna.study.StudyDirection.MINIMIZE else value >= last
 
     def config_of(self, trial: optuna.trial.FrozenTrial) -> TrainConfig:
-        return self.base.replace(**{**self.space["fixed"], **trial.params}).validate()
+        return configure(self.base, {**self.space["fixed"], **trial.params})
 
 
 def echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

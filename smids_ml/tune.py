@@ -106,7 +106,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             direction="minimize" if base.monitor == "valid_loss" else "maximize",
             sampler=make_sampler(sampler, space, base.seed),
             pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs, eta))
-        check_same_space(study, space)
+        space = search.space = check_same_space(study, space)
         parent = study.user_attrs.get(PARENT_ATTR)
         resume = parent if parent and run_exists(parent) else None
         if parent and not resume and study.trials:
