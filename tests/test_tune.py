@@ -25,8 +25,10 @@ from smids_ml.studies import open_storage
 from tests.conftest import ROOT, TINY
 from tests.helpers import assert_one_line_error, invoke, make_colour_dataset, mlflow_run
 
-# --finalists 0: the best trial's own weights are registered (the finalists' cross-validation has its own tests)
-FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0", "--finalists", "0"]
+# --finalists 0: the best trial's own weights are registered (the finalists' cross-validation has its own tests);
+# --ranking split: these tiny sets would be ranked by folds (test_ranking has those tests)
+FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0", "--finalists", "0",
+         "--ranking", "split"]
 
 
 def space_file(tmp_path, name: str, text: str):
