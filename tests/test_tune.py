@@ -166,7 +166,8 @@ def test_an_interrupted_trial_is_marked_failed_and_the_resumed_study_completes(s
 def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path, postgres_url):
     space = space_file(tmp_path, "pg", "params:\n  lr: [0.001, 0.003]\n")
     params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
-              "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best", "finalists": 0}
+              "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best", "finalists": 0,
+              "ranking": "split"}
     mlflow_run("tune", tracking, params, tmp_path)
     runs = mlflow.search_runs(experiment_names=[tracking])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
@@ -187,7 +188,7 @@ def test_mlflow_run_tune_builds_its_environment_with_uv(tracking, synth_data, tm
     space = space_file(tmp_path, "uv", "params:\n  lr: [0.001]\n")
     params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
               "space": space, "study_name": "uv", "register_as": "uv-best", "finalists": 0,
-              "storage": tmp_path / "optuna.journal"}
+              "storage": tmp_path / "optuna.journal", "ranking": "split"}
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uv beside this interpreter
     envs = tmp_path / "envs"  # a new environment, not one an earlier run left (uv's own cache makes it quick)
     done = mlflow_run("tune", tracking, params, tmp_path, env_manager="uv",
