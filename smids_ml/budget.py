@@ -5,9 +5,9 @@ The cost of one full-length model is measured, not guessed: one real training ep
 epoch is that of the costliest point the search space can draw (`costliest`: its largest input, widest network,
 most epochs, and the architecture and stem with the most counted FLOPs), not of the base recipe: a resnet18 at
 112 px takes several times the defaults' minutes, and a plan timed on the defaults left no time for the
-finalists. A
-trial under successive halving costs `rungs * model / eta**(rungs - 1)` on average (each rung's 1/eta of the
-trials trains eta times longer), the finalists `(finalists + 1) * folds` models on (folds-1)/folds of the
+finalists. A trial is one model, or K models on (K-1)/K of the training part when trials are ranked by K folds
+(`ranking`); under successive halving it costs `rungs * trial / eta**(rungs - 1)` on average (each rung's 1/eta of
+the trials trains eta times longer), the finalists `(finalists + 1) * folds` models on (folds-1)/folds of the
 training part, the refit one model on all of it. The plan keeps at most half the budget for the finalists and
 the refit; when the search ends, they are planned again from what its full-length trials really took.
 """
@@ -30,6 +30,8 @@ from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, load_tensors, make_batches
 from smids_ml.engine import make_optimizer, predict_proba, resolve_device, resolve_precision, train_one_epoch
 from smids_ml.models import build_for
+from smids_ml.ranking import SPLIT, Ranking
+from smids_ml.spaces import SCALES, base_value, configure
 from smids_ml.studies import RUN_ID_ATTR
 
 DEFAULT_BUDGET_MINUTES = 240  # an afternoon
@@ -86,7 +88,7 @@ def finalist_options(finalists: int, folds: int) -> list[tuple[int, int]]:
 @dataclass
 class Plan:
     minutes: float
-    model_minutes: float  # one full-length trial here
+    model_minutes: float  # one full-length trial here (its K fold models, ranked by folds)
     rungs: int
     trials: int
     finalists: int
@@ -94,18 +96,21 @@ class Plan:
     search_seconds: float
     deadline: float  # time.monotonic() at which the budget is spent
     basis: str = "the base recipe"  # what the timed model was
+    ranking: Ranking = SPLIT
 
     def line(self) -> str:
-        return (f"budget {self.minutes:g} min: one full-length model ~{self.model_minutes:.1f} min here ({self.basis}); up to "
-                f"{self.trials} trials over {self.rungs} rung(s) in {self.search_seconds / 60:.0f} min, then "
-                f"{self.finalists} finalist(s) (and the defaults) over {self.folds} folds and the refit")
+        trial = f"trial ({self.ranking.folds} fold models)" if self.ranking.folds else "model"
+        return (f"budget {self.minutes:g} min: one full-length {trial} ~{self.model_minutes:.1f} min here ({self.basis}); "
+                f"up to {self.trials} trials over {self.rungs} rung(s) in {self.search_seconds / 60:.0f} min, then "
+                f"{self.finalists} finalist(s) (and the defaults) over {self.folds} folds and the refit; "
+                + self.ranking.line())
 
     def minutes_left(self) -> float:
         return max(0.0, (self.deadline - time.monotonic()) / 60)
 
 
 # the fields that set a training's compute: numbers where more is costlier, and choices to count
-COST_NUMBERS, COST_CHOICES = ("image_size", "width", "epochs", "channels"), ("model", "stem")
+COST_NUMBERS, COST_CHOICES = ("image_size", "width", "epochs", "epochs_scale", "channels"), ("model", "stem")
 
 
 def costliest(cfg: TrainConfig, space: dict) -> tuple[TrainConfig, str]:
@@ -114,40 +119,42 @@ def costliest(cfg: TrainConfig, space: dict) -> tuple[TrainConfig, str]:
     (`compute.training_flops`); the other searched fields keep cfg's value (they barely move the minutes)."""
     from smids_ml.compute import training_flops
 
-    cfg = cfg.replace(**space["fixed"])
+    cfg = configure(cfg, space["fixed"])
     params = space["params"]
     largest = {name: max(spec) if isinstance(spec, list) else spec["high"]
                for name, spec in params.items() if name in COST_NUMBERS}
-    largest = {name: type(getattr(cfg, name))(value) for name, value in largest.items()}
+    largest = {name: type(base_value(cfg, name))(value) for name, value in largest.items()}
     choices = [[(name, value) for value in params[name]] for name in COST_CHOICES if isinstance(params.get(name), list)]
-    points = [cfg.replace(**largest, **dict(combo)).validate() for combo in itertools.product(*choices)]
+    points = [configure(cfg, {**largest, **dict(combo)}) for combo in itertools.product(*choices)]
     point = max(points, key=lambda p: training_flops(p, 3, 1)) if len(points) > 1 else points[0]
-    searched = [name for name in (*COST_CHOICES, *COST_NUMBERS) if name in params]
+    searched = dict.fromkeys(SCALES.get(name, name) for name in (*COST_CHOICES, *COST_NUMBERS) if name in params)
     if not searched:
         return point, "the base recipe; the space does not change its cost"
     return point, "the costliest point of the space: " + ", ".join(f"{n}={getattr(point, n)}" for n in searched)
 
 
 def plan(minutes: float, cfg: TrainConfig, dataset: Dataset, rungs: int, eta: int, finalists: int, folds: int,
-         max_trials: int | None, space: dict | None = None) -> Plan:
+         max_trials: int | None, space: dict | None = None, ranking: Ranking = SPLIT) -> Plan:
     """The plan for `cfg` (with `space`, for its costliest point) on `dataset` here, from a measured training epoch
-    (`plan_for`)."""
+    (`plan_for`). A trial ranked by K folds is K models, each on (K-1)/K of the training part."""
     started = time.monotonic()
-    cfg = adapt(cfg, dataset)  # what tune trains: the values left to the data decided from it
+    cfg = adapt(cfg, dataset, ranking.train_images(dataset))  # what tune trains: the values left to the data decided
     cfg, basis = costliest(cfg, space) if space else (cfg, "the base recipe")
     per_image = seconds_per_image(cfg, dataset)
     train, valid = len(dataset.part("train")), len(dataset.part("valid"))
-    planned = plan_for(minutes, model_seconds(per_image, cfg.epochs, train, valid),
-                       model_seconds(per_image, cfg.epochs, train + valid, 0), rungs, eta, finalists, folds, max_trials,
-                       started)
-    planned.basis = basis
+    k, part = ranking.folds, train + valid
+    trial = (k * model_seconds(per_image, cfg.epochs, part * (k - 1) / k, part / k) if k
+             else model_seconds(per_image, cfg.epochs, train, valid))
+    planned = plan_for(minutes, trial, model_seconds(per_image, cfg.epochs, part, 0), rungs, eta, finalists, folds,
+                       max_trials, started)
+    planned.basis, planned.ranking = basis, ranking
     return planned
 
 
 def plan_for(minutes: float, model: float, on_part: float, rungs: int, eta: int, finalists: int, folds: int,
              max_trials: int | None, started: float) -> Plan:
-    """The trials, rungs, finalists and folds that fit `minutes`, given the seconds of one full-length model on a
-    trial's split (`model`) and on the whole training part (`on_part`); SmidsError naming the least budget if none.
+    """The trials, rungs, finalists and folds that fit `minutes`, given the seconds of one full-length trial (`model`)
+    and of one model on the whole training part (`on_part`); SmidsError naming the least budget if none.
     """
     total = minutes * 60
     options = finalist_options(finalists, folds) if finalists else [(0, folds)]
@@ -160,7 +167,7 @@ def plan_for(minutes: float, model: float, on_part: float, rungs: int, eta: int,
             break
     if trials < 1:
         least = (reserve[chosen] + model) / 60
-        raise SmidsError(f"--budget {minutes:g} min cannot hold a search here: one full-length model takes "
+        raise SmidsError(f"--budget {minutes:g} min cannot hold a search here: one full-length trial takes "
                          f"~{model / 60:.1f} min; give at least {math.ceil(least)} min, or fewer --epochs")
     trials = min(trials, max_trials or MAX_PLANNED_TRIALS, MAX_PLANNED_TRIALS)
     return Plan(minutes, model / 60, r, trials, *chosen, search, started + total)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import mlflow
+import numpy as np
 import optuna
 import pandas as pd
 import torch
@@ -25,7 +26,7 @@ from smids_ml.data import Dataset
 from smids_ml.engine import Diverged
 from smids_ml.rungs import (DEFAULT_ETA, EPOCHS_ATTR, RUNG_TAG, RUNGS_ATTR, carry, record, rung_epochs,
                             rungs_of_failed, step_of)
-from smids_ml.spaces import suggest
+from smids_ml.spaces import configure, suggest
 from smids_ml.studies import (DEFAULTS_ATTR, GRID_ATTR, RUN_ID_ATTR, best_trial, fail_stale_trials, next_grid_point,
                               ranked_trials)
 from smids_ml.train import run_training
@@ -35,7 +36,7 @@ WEIGHTS = "weights/weights.pt"  # a top trial's weights, in its run's artifacts:
 
 @dataclass
 class Search:
-    """What every trial shares: the base config, the space and the data."""
+    """What every trial shares: the base config, the space, the data and how trials are ranked."""
 
     base: TrainConfig
     space: dict
@@ -45,11 +46,12 @@ class Search:
     halving: bool = False  # rungs are judged, not epochs (so one rung is a plain trial, never pruned)
     eta: int = DEFAULT_ETA
     plan: object = None  # a budget.Plan: progress lines say the budget left
+    folds: list = field(default_factory=list)  # ranking by folds: the training part once per fold (`ranking`)
 
     def objective(self, trial: optuna.Trial) -> float:
         """One trial: a single training (pruned by epoch), or with `rungs` > 1 one complete, compressed
         schedule per rung until the pruner stops it or the last rung, at the recipe's length, gives its value."""
-        cfg = self.base.replace(**suggest(trial, self.space)).validate()
+        cfg = configure(self.base, suggest(trial, self.space))
         for key, value in tracking.process_tags().items():
             trial.set_user_attr(key, value)
         lengths = rung_epochs(cfg.epochs, self.eta, self.rungs)
@@ -80,7 +82,7 @@ class Search:
 
     def train(self, trial: optuna.Trial, cfg: TrainConfig, report_epochs: bool = False, budget: dict | None = None,
               keep: bool = True) -> float:
-        """One nested run: train `cfg` and return its best validation score; with `report_epochs` each epoch is
+        """One nested run: score `cfg` (`score`) and return its value; with `report_epochs` each epoch is
         reported to the pruner. The run's id is the trial's `mlflow_run_id` (its latest rung's, with rungs)."""
         tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
                 **({DEFAULTS_ATTR: "true"} if trial.user_attrs.get(DEFAULTS_ATTR) else {}),
@@ -97,7 +99,7 @@ class Search:
                     raise optuna.TrialPruned(f"{cfg.monitor} {metrics[cfg.monitor]:.4f} at epoch {epoch}")
 
             try:
-                result = run_training(cfg, self.dataset, callbacks=[report] if report_epochs else [], log_model=False)
+                value, network = self.score(cfg, [report] if report_epochs else [])
             except optuna.TrialPruned as pruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 stopped = pruned  # raised once the run has ended FINISHED: a pruned run keeps its metrics
@@ -110,16 +112,43 @@ class Search:
                 raise
             else:
                 stopped = None
-                value = result.history.best[cfg.monitor]
-                if keep and self.among_best(trial.study, value):
+                if keep and network is not None and self.among_best(trial.study, value):
                     with tempfile.TemporaryDirectory() as tmp:
                         path = Path(tmp) / Path(WEIGHTS).name
-                        torch.save(result.network.state_dict(), path)
+                        torch.save(network.state_dict(), path)
                         mlflow.log_artifact(str(path), str(Path(WEIGHTS).parent))
                 mlflow.set_tag("optuna.state", "COMPLETE")
         if stopped:
             raise stopped
         return value
+
+    def score(self, cfg: TrainConfig, callbacks: list) -> tuple[float, torch.nn.Module | None]:
+        """In the trial's run: its value and the network to keep. Ranked on the split, one training. Ranked by folds,
+        one nested run per fold and the mean of their best metrics, `fold_K_<monitor>` for each (no one network to
+        keep); only the first fold reports its epochs to the pruner: every trial's first fold is the same, so an
+        epoch pruner compares like with like, at a fraction of a trial's cost."""
+        if not self.folds:
+            result = run_training(cfg, self.dataset, callbacks=callbacks, log_model=False)
+            return result.history.best[cfg.monitor], result.network
+        tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
+                                 "ranking_folds": len(self.folds)})
+        mlflow.set_tags(tracking.process_tags())
+        best = []
+        for k, part in enumerate(self.folds):
+            with mlflow.start_run(run_name=f"fold {k + 1}/{len(self.folds)}", nested=True, tags={"fold": str(k)}):
+                try:
+                    result = run_training(cfg, part, callbacks=callbacks if k == 0 else [], log_model=False)
+                except (optuna.TrialPruned, Diverged) as exc:  # the fold's run ends FINISHED, as a pruned trial's
+                    stopped = exc
+                else:
+                    stopped = None
+            if stopped:
+                raise stopped
+            best.append(result.history.best)
+            mlflow.log_metric(f"fold_{k + 1}_{cfg.monitor}", best[-1][cfg.monitor])
+        means = {f"best_{name}": float(np.mean([b[name] for b in best])) for name in best[0]}
+        mlflow.log_metrics(means)
+        return means[f"best_{cfg.monitor}"], None
 
     def among_best(self, study: optuna.Study, value: float) -> bool:
         """Whether a trial scoring `value` is among the best `keep` completed so far (its weights are kept)."""
@@ -130,7 +159,7 @@ class Search:
         return value <= last if study.direction == optuna.study.StudyDirection.MINIMIZE else value >= last
 
     def config_of(self, trial: optuna.trial.FrozenTrial) -> TrainConfig:
-        return self.base.replace(**{**self.space["fixed"], **trial.params}).validate()
+        return configure(self.base, {**self.space["fixed"], **trial.params})
 
 
 def echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -1,8 +1,8 @@
 """Search spaces: named ones (the original study's two grids, a broad one for TPE) or a YAML/JSON file.
 
-A space has `fixed` values (TrainConfig fields set for every trial) and `params` to search. A param
-is either a list (grid values, or categorical choices for TPE/random) or a range
-`{low, high, log: bool, int: bool}` (TPE/random only).
+A space has `fixed` values (TrainConfig fields set for every trial) and `params` to search: TrainConfig's
+tunable fields, and `epochs_scale`, a multiple of the recipe's epochs (SCALES). A param is either a list (grid
+values, or categorical choices for TPE/random) or a range `{low, high, log: bool, int: bool}` (TPE/random only).
 
     fixed: {model: improved_cnn, optimizer: Adam}
     params:
@@ -27,6 +27,12 @@ from smids_ml.config import PRESETS, TrainConfig
 ORIGINAL_RECIPE = {k: PRESETS["original"][k]
                    for k in ("channels", "resize", "scheduler", "label_smoothing", "rotation", "scale_shift")}
 
+# Searched params that are not fields: a multiple of a field's value in the base recipe. Training length is searched
+# as `epochs_scale` times the epochs given or decided from the data, since absolute epochs do not transfer between a
+# 200-crop and a 3,000-crop set; the base recipe itself is scale 1 (the defaults trial).
+SCALES = {"epochs_scale": "epochs"}
+ADDED_LATER = {"epochs_scale"}  # params the named spaces gained later: a study that searched without them resumes so
+
 SPACES = {
     # The original study's first round: 16 points on its simple CNN.
     "initial-grid": {
@@ -41,7 +47,7 @@ SPACES = {
     },
     # For TPE on real crops: around the default recipe (AdamW, one-cycle), the knobs that move
     # cross-validated accuracy on SMIDS: architecture, smids_resnet's stem, peak lr, weight decay, input
-    # size, augmentation and regularisation strength.
+    # size, augmentation and regularisation strength, and training length (half to twice the recipe's).
     "broad": {
         "fixed": {"optimizer": "AdamW", "scheduler": "onecycle"},
         "params": {
@@ -55,6 +61,7 @@ SPACES = {
             "resize": ["pad", "stretch"],
             "augment_strength": {"low": 0.5, "high": 1.5},
             "label_smoothing": {"low": 0.0, "high": 0.2},
+            "epochs_scale": {"low": 0.5, "high": 2.0, "log": True},
         },
     },
 }
@@ -80,7 +87,7 @@ def load_space(name_or_file: str | dict) -> dict:
         if not isinstance(space, dict) or not isinstance(space.get("params"), dict) or not space["params"]:
             raise SmidsError(f"search space {path} needs a non-empty mapping 'params' (and optionally 'fixed')")
     space = {"fixed": dict(space.get("fixed") or {}), "params": dict(space["params"])}
-    known = {f.name for f in fields(TrainConfig) if f.metadata["tunable"]}
+    known = {f.name for f in fields(TrainConfig) if f.metadata["tunable"]} | set(SCALES)
     unknown = (set(space["fixed"]) | set(space["params"])) - known
     if unknown:
         raise SmidsError(f"search space {name_or_file}: {', '.join(sorted(unknown))} cannot be searched; "
@@ -118,6 +125,20 @@ def point_outside(space: dict, values: dict) -> list[str]:
         if not inside:
             outside.append(f"{name}={value}")
     return outside
+
+
+def base_value(base: TrainConfig, name: str):
+    """What the base recipe is for a searched param: a field's value, or scale 1."""
+    return 1.0 if name in SCALES else getattr(base, name)
+
+
+def configure(base: TrainConfig, values: dict) -> TrainConfig:
+    """`base` with a point's values (fixed and searched): fields replaced, each scale multiplying its field (at
+    least 1), validated."""
+    values = dict(values)
+    scales = {SCALES[name]: float(values.pop(name)) for name in list(values) if name in SCALES}
+    cfg = base.replace(**values)
+    return cfg.replace(**{name: max(1, round(getattr(cfg, name) * scale)) for name, scale in scales.items()}).validate()
 
 
 def suggest(trial: optuna.Trial, space: dict) -> dict:

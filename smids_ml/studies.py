@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from smids_ml import SmidsError, tracking
 from smids_ml.config import TrainConfig
 from smids_ml.rungs import DEFAULT_ETA, RUNGS_ATTR, RungPruner
-from smids_ml.spaces import grid_of, point_outside
+from smids_ml.spaces import ADDED_LATER, base_value, configure, grid_of, point_outside
 
 JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
 RUN_ID_ATTR = "mlflow_run_id"
@@ -137,10 +137,16 @@ def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(done, key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
 
 
-def check_same_space(study: optuna.Study, space: dict) -> None:
+def check_same_space(study: optuna.Study, space: dict) -> dict:
     """A study keeps its space: another set of searched parameters would mix trials of two searches, and Optuna
-    cannot change a parameter's choices within a study. Say so before any trial starts."""
+    cannot change a parameter's choices within a study. Say so before any trial starts. Returns the space to run:
+    a param added to the named spaces later (ADDED_LATER) that the study never searched is left out, in one line,
+    so a study from before it resumes."""
     searched = {name for trial in study.get_trials(deepcopy=False) for name in trial.distributions}
+    late = sorted((set(space["params"]) - searched) & ADDED_LATER) if searched else []
+    if late:
+        click.echo(f"study {study.study_name} searched without {', '.join(late)}: left out of its search", err=True)
+        space = {**space, "params": {k: v for k, v in space["params"].items() if k not in late}}
     if searched and searched != set(space["params"]):
         added, dropped = sorted(set(space["params"]) - searched), sorted(searched - set(space["params"]))
         raise SmidsError(f"study {study.study_name} searched {', '.join(sorted(searched))}; this space "
@@ -154,6 +160,7 @@ def check_same_space(study: optuna.Study, space: dict) -> None:
                     and list(distribution.choices) != spec:
                 raise SmidsError(f"study {study.study_name} searched {name} over {list(distribution.choices)}, "
                                  f"not {spec}; use a new --study-name for a different search space")
+    return space
 
 
 def fail_stale_trials(study: optuna.Study) -> int:
@@ -208,7 +215,7 @@ def enqueue_defaults(study: optuna.Study, space: dict, base: TrainConfig) -> boo
     point of the space (said in one line); a grid keeps its own points."""
     if study.get_trials(deepcopy=False):
         return False
-    point = {name: getattr(base.replace(**space["fixed"]), name) for name in space["params"]}
+    point = {name: base_value(configure(base, space["fixed"]), name) for name in space["params"]}
     outside = point_outside(space, point)
     if outside:
         click.echo(f"study {study.study_name}: no defaults trial, the base configuration is not in the search space "

@@ -32,6 +32,8 @@ from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
 from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import Command, stops_cleanly
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
+from smids_ml.ranking import (DEFAULT_RANKING_FOLDS, MIN_VALID_CROPS, RANKING_ATTR, RANKINGS, choose_ranking,
+                              fold_parts, keep_ranking)
 from smids_ml.rungs import DEFAULT_ETA, DEFAULT_RUNGS, rung_epochs
 from smids_ml.search import Search, echo_trial, log_study, run_grid
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
@@ -54,14 +56,17 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
          experiment: str | None = DEFAULT_EXPERIMENT, pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 3,
          ensemble_top: int = 1, promote: bool = False, heartbeat: int = HEARTBEAT_SECONDS,
          finalists: int = DEFAULT_FINALISTS, folds: int = DEFAULT_FOLDS, refit: str = "model",
-         rungs: int = DEFAULT_RUNGS, eta: int = DEFAULT_ETA, budget: float | None = None):
+         rungs: int = DEFAULT_RUNGS, eta: int = DEFAULT_ETA, budget: float | None = None, ranking: str = "auto",
+         ranking_folds: int = DEFAULT_RANKING_FOLDS):
     """Run (or resume) a study under one parent run, as one of any number of workers on the same study
     (same --storage and --study-name); returns (study, registered version or None).
 
     With `finalists` > 0 the best trials (and the defaults trial) are cross-validated with `folds` folds and the
-    winner is refit and registered (`finalists` module); with 0 the best trial's own weights are registered,
-    or with `ensemble_top` > 1 the ensemble of the best trials. A `budget` in minutes (TPE and random) plans the
-    trials, rungs, finalists and folds that fit it here (`budget` module); --n-trials then caps the trials."""
+    winner is refit and registered (`finalists` module); with 0 the best trial's own weights are registered (ranked
+    by folds, it has none: it is refit), or with `ensemble_top` > 1 the ensemble of the best trials. A `budget` in minutes (TPE and random) plans the
+    trials, rungs, finalists and folds that fit it here (`budget` module); --n-trials then caps the trials.
+    `ranking` (auto, split, folds) says how trials are ranked: on the validation part, or by `ranking_folds`-fold
+    cross-validation of the training part, which auto chooses when the validation part is small (`ranking`)."""
     tracking.check_registry_names(register_as, alias)
     if finalists and ensemble_top > 1:
         raise SmidsError("--ensemble-top registers the best trials' own weights: use it with --finalists 0, or "
@@ -87,18 +92,25 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
         grid_of(space)
     lock = functools.partial(study_lock, storage, study_name)
     dataset = prepare_data(base)
-    base = adapt(base, dataset)  # every trial starts from the values decided from the data; the space overrides them
+    ranked = choose_ranking(ranking, len(dataset.part("valid")), ranking_folds)
+    parts = fold_parts(dataset, ranked.folds, base.seed) if ranked.folds else []
+    if parts and ensemble_top > 1:
+        raise SmidsError(f"--ensemble-top registers the best trials' own weights, and trials ranked by folds have none "
+                         f"({ranked.reason}); use --ranking split")
+    # every trial starts from the values decided from the data, for the crops its models train on; the space overrides
+    base = adapt(base, dataset, ranked.train_images(dataset))
     halving = pruner == "halving"
     rungs = len(rung_epochs(base.epochs, eta, rungs)) if halving else 1
-    search = Search(base, space, dataset, keep=ensemble_top, rungs=rungs, eta=eta, halving=halving)
+    search = Search(base, space, dataset, keep=ensemble_top, rungs=rungs, eta=eta, halving=halving, folds=parts)
     planned = None
     if budget and sampler != "grid":
-        planned = search.plan = plan(budget, base, dataset, search.rungs, eta, finalists, folds, n_trials, space)
-        click.echo(planned.line(), err=True)
+        planned = search.plan = plan(budget, base, dataset, search.rungs, eta, finalists, folds, n_trials, space,
+                                     ranked)
         n_trials, search.rungs, finalists, folds = planned.trials, planned.rungs, planned.finalists, planned.folds
         timeout = min(timeout or planned.search_seconds, planned.search_seconds)
     elif sampler != "grid" and n_trials is None and timeout is None:
         n_trials = DEFAULT_TPE_TRIALS
+    click.echo(planned.line() if planned else ranked.line(), err=True)
     tracking.check_server()
     with lock():  # one study, one parent run: the first worker creates them, the others attach
         study = optuna.create_study(
@@ -106,7 +118,8 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             direction="minimize" if base.monitor == "valid_loss" else "maximize",
             sampler=make_sampler(sampler, space, base.seed),
             pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs, base.epochs, eta))
-        check_same_space(study, space)
+        space = search.space = check_same_space(study, space)
+        keep_ranking(study, ranked)
         parent = study.user_attrs.get(PARENT_ATTR)
         resume = parent if parent and run_exists(parent) else None
         if parent and not resume and study.trials:
@@ -126,9 +139,12 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             study.set_user_attr(PARENT_ATTR, active.info.run_id)
             tracking.log_new_params({"study_name": study_name, "sampler": sampler, "space": space_name, "pruner": pruner,
                                      "storage": storage, **({"rungs": rungs, "eta": eta} if halving else {}),
+                                     "ranking": "folds" if ranked.folds else "split",
+                                     **({"ranking_folds": ranked.folds} if ranked.folds else {}),
                                      **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
     with active:
-        mlflow.set_tags(tracking.process_tags() | ({"smids_ml.plan": planned.line()} if planned else {}))
+        mlflow.set_tags(tracking.process_tags() | {RANKING_ATTR: ranked.line()}
+                        | ({"smids_ml.plan": planned.line()} if planned else {}))
         if sampler == "grid":
             if run_grid(study, search, lock, min(2.0, heartbeat), n_trials, timeout) == 0:
                 click.echo(f"study {study_name}: all {grid_size(space)} grid points already ran", err=True)
@@ -146,8 +162,10 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             refits = bool(finalists)
             if finalists and planned:
                 finalists, folds, refits = replan_finalists(study, final.choose(study, finalists), planned,
-                                                            final.part_ratio(dataset))
-            if refits:  # with no finalists the best trial is refit as one model (there are no fold models)
+                                                            ranked.refit_ratio(dataset))
+            # with no finalists the best trial is refit as one model; trials ranked by folds have no weights of their
+            # own to register, so theirs is refit in any case
+            if refits or parts:
                 version = finalize(study, search, finalists, folds, refit, register_as, alias, promote)
             else:
                 version = promote_best(study, search, register_as, alias, promote) if register_as else None
@@ -182,16 +200,16 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
         metric, _ = final.CV_METRIC[monitor]
         score, evidence = f"cv_{metric}_mean", {f"cv_{metric}_mean": round(float(row["mean"]), 6),
                                                 f"cv_{metric}_std": round(float(row["std"]), 6), "folds": folds}
-    else:  # a budget with no time to cross-validate: the best trial by validation, refit on the whole training part
+    else:  # no time to cross-validate, or trials ranked by folds with --finalists 0: the best, refit on the training part
         outcome, winner, refit = None, best_trial(study), "model"
         score, evidence = f"best_{monitor}", {f"best_{monitor}": round(float(winner.value), 6)}
-    version = None
+    version, ranking = None, f"{len(search.folds)}-fold" if search.folds else "split"
     if register_as:
         uri, run_id = final.refit(winner, search, outcome, refit)
         version = register_challenger(uri, register_as, alias, promote, score=score, tags={
             "study": study.study_name, "trial": winner.number, "run_id": run_id, "refit": refit,
             final.REFIT_OF: winner.user_attrs.get(RUN_ID_ATTR, ""), "monitor": monitor,
-            "data_fingerprint": search.dataset.fingerprint(), **evidence})
+            "data_fingerprint": search.dataset.fingerprint(), "ranking": ranking, **evidence})
     study.set_user_attr(final.SCORED_ATTR, done)
     return version
 
@@ -244,18 +262,25 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
               help="Minutes for the whole study on this machine (tpe, random): plans the trials, rungs, finalists and "
                    "folds that fit it from a measured training epoch, and stops starting trials when the search's "
                    "share is spent; --n-trials and --finalists/--folds are then maxima (0: no plan).")
+@click.option("--ranking", type=click.Choice(RANKINGS), default="auto", show_default=True,
+              help="How trials are ranked: split, by --monitor on the validation part; folds, by its mean over "
+                   "--ranking-folds folds of the training part (train and valid rows), on the same folds for every "
+                   f"trial, each trial costing that many models; auto, folds when the validation part holds fewer "
+                   f"than {MIN_VALID_CROPS} crops, where one split ranks trials mostly by noise.")
+@click.option("--ranking-folds", type=click.IntRange(min=2), default=DEFAULT_RANKING_FOLDS, show_default=True,
+              help="Folds of --ranking folds.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @config_options(TUNE_DEFAULTS)
 @stops_cleanly("the running trial is marked FAIL and its run FAILED; run the same command again to resume")
 def main(sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_trials, pruner_warmup_epochs, study_name,
-         storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, budget, experiment,
-         **options):
+         storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, budget, ranking,
+         ranking_folds, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
     base = config_from_options(options, TUNE_DEFAULTS)
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
                           pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat,
-                          finalists, folds, refit, rungs, eta, budget or None)
+                          finalists, folds, refit, rungs, eta, budget or None, ranking, ranking_folds)
     best = best_trial(study)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     click.echo(f"study {study.study_name}: {len(study.trials)} trials {states}")

@@ -28,7 +28,7 @@ from tests.conftest import BIN, TINY, free_port, stop, wait_for_http
 from tests.helpers import assert_one_line_error, invoke
 
 GRID = [0.001, 0.002, 0.003, 0.004]
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "epochs"] + ["--finalists=0"]
+FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "epochs"] + ["--finalists=0", "--ranking=split"]
 
 
 class Server:

@@ -49,7 +49,7 @@ def test_tune_from_a_source_leaves_its_architecture_out_of_the_search(tracking, 
     space.write_text("params:\n  model: [smids_resnet, improved_cnn]\n  lr: [0.001]\n")
     result = invoke(["tune", "--data", str(synth_data), "--init-from", source, "--experiment", tracking, "--sampler",
                      "grid", "--space", str(space), "--storage", str(tmp_path / "optuna.journal"), "--epochs", "1",
-                     "--batch", "16", "--num-threads", "1", "--finalists", "0", "--register-as", ""])
+                     "--batch", "16", "--num-threads", "1", "--finalists", "0", "--register-as", "", "--ranking", "split"])
     assert result.exit_code == 0, result.output
     assert f"--init-from {source} fixes model (the source's): left out of the search" in result.output
     runs = mlflow.search_runs(experiment_names=[tracking], output_format="list")

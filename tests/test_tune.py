@@ -25,8 +25,10 @@ from smids_ml.studies import open_storage
 from tests.conftest import ROOT, TINY
 from tests.helpers import assert_one_line_error, invoke, make_colour_dataset, mlflow_run
 
-# --finalists 0: the best trial's own weights are registered (the finalists' cross-validation has its own tests)
-FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0", "--finalists", "0"]
+# --finalists 0: the best trial's own weights are registered (the finalists' cross-validation has its own tests);
+# --ranking split: these tiny sets would be ranked by folds (test_ranking has those tests)
+FLAGS = ["--image-size", "32", "--batch", "16", "--num-threads", "1", "--patience", "0", "--finalists", "0",
+         "--ranking", "split"]
 
 
 def space_file(tmp_path, name: str, text: str):
@@ -164,7 +166,8 @@ def test_an_interrupted_trial_is_marked_failed_and_the_resumed_study_completes(s
 def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path, postgres_url):
     space = space_file(tmp_path, "pg", "params:\n  lr: [0.001, 0.003]\n")
     params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
-              "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best", "finalists": 0}
+              "space": space, "storage": postgres_url, "study_name": "pg", "register_as": "pg-best", "finalists": 0,
+              "ranking": "split"}
     mlflow_run("tune", tracking, params, tmp_path)
     runs = mlflow.search_runs(experiment_names=[tracking])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
@@ -185,7 +188,7 @@ def test_mlflow_run_tune_builds_its_environment_with_uv(tracking, synth_data, tm
     space = space_file(tmp_path, "uv", "params:\n  lr: [0.001]\n")
     params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
               "space": space, "study_name": "uv", "register_as": "uv-best", "finalists": 0,
-              "storage": tmp_path / "optuna.journal"}
+              "storage": tmp_path / "optuna.journal", "ranking": "split"}
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # uv beside this interpreter
     envs = tmp_path / "envs"  # a new environment, not one an earlier run left (uv's own cache makes it quick)
     done = mlflow_run("tune", tracking, params, tmp_path, env_manager="uv",
