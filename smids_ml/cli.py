@@ -14,6 +14,7 @@ COMMANDS = {
     "explore": ("smids_ml.explore", "main", "Summarise a data root and log the report to MLflow."),
     "train": ("smids_ml.train", "main", "Train one model and log it to MLflow."),
     "tune": ("smids_ml.tune", "main", "Search hyperparameters with Optuna; register the best model."),
+    "pretrain": ("smids_ml.pretrain", "main", "Pretrain a network on unlabelled crops (SimCLR) for train --init-from."),
     "evaluate": ("smids_ml.evaluate", "main", "Evaluate a logged model on its test split or any labelled folder."),
     "compare": ("smids_ml.evaluate", "compare", "Tabulate the latest test metrics of several models."),
     "cv": ("smids_ml.cv", "main", "Stratified k-fold cross-validation; optionally register the k-fold ensemble."),

@@ -150,6 +150,10 @@ class TrainConfig:
                               ("auto", "none", "sqrt", "balanced"))
     mixup: float = _opt(0.0, "MixUp alpha: each training batch is blended with a shifted copy of itself, labels too, "
                              "by a Beta(alpha, alpha) weight (0: off).")
+    mixup_pairs: str = _opt("any", "Whom --mixup blends each image with: any image of the batch (labels blended too), or "
+                                   "class, another image of its own class with its label kept (intra-class mixup, as "
+                                   "SHMC-Net's on small sets of sperm heads: new crops of a class, no blurred labels).",
+                            ("any", "class"))
     ema: float = _opt(0.0, "Decay per step of an exponential moving average of the weights (and batch-norm statistics), "
                            "which is what is evaluated and kept (0: off; 0.999 averages over about 1,000 steps).")
     tta: str = _opt("none", "Test-time averaging: d4 averages the logits over the 8 rotations by 90° and mirror images of "

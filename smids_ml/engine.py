@@ -229,6 +229,30 @@ def class_weights(kind: str, labels: torch.Tensor, num_classes: int) -> torch.Te
     return weights * counts.sum() / (weights * counts).sum()
 
 
+def make_mix(alpha: float, pairs: str, num_classes: int) -> Callable | None:
+    """The batch blending of --mixup (None when off): torchvision's MixUp across the batch, or intra-class mixup."""
+    if alpha <= 0:
+        return None
+    return v2.MixUp(alpha=alpha, num_classes=num_classes) if pairs == "any" else ClassMixUp(alpha, num_classes)
+
+
+class ClassMixUp:
+    """Blends each image with a randomly drawn image of its own class (itself when it is its class's only one in
+    the batch), each pair by its own Beta(alpha, alpha) weight; labels stay whole, as one-hot rows like MixUp's."""
+
+    def __init__(self, alpha: float, num_classes: int):
+        self.beta, self.num_classes = torch.distributions.Beta(alpha, alpha), num_classes
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        partner = torch.arange(len(labels), device=labels.device)
+        for c in labels.unique():
+            members = (labels == c).nonzero().squeeze(1)
+            partner[members] = members[torch.randperm(len(members)).to(labels.device)]
+        weight = self.beta.sample((len(labels),)).to(images.device, images.dtype).view(-1, 1, 1, 1)
+        mixed = images * weight + images[partner] * (1 - weight)
+        return mixed, nn.functional.one_hot(labels, self.num_classes).float()
+
+
 def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device, num_classes: int,
         callbacks: Iterable[Callback] = ()) -> History:
     """Train with early stopping on `cfg.monitor`; the model ends with its best epoch's weights.
@@ -240,7 +264,7 @@ def fit(model: nn.Module, batches: dict, cfg: TrainConfig, device: torch.device,
     precision = resolve_precision(cfg.precision, device, cfg.model)
     criterion = nn.CrossEntropyLoss(weight=class_weights(cfg.class_weights, batches["train"].labels, num_classes),
                                     label_smoothing=cfg.label_smoothing)
-    mix = v2.MixUp(alpha=cfg.mixup, num_classes=num_classes) if cfg.mixup > 0 else None
+    mix = make_mix(cfg.mixup, cfg.mixup_pairs, num_classes)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     kept = ema.module if ema is not None else model
     sign = -1.0 if cfg.monitor == "valid_loss" else 1.0

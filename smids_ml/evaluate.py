@@ -288,13 +288,13 @@ def evaluate(model_uri: str, data: str | None = None, split_manifest: str | None
     if bool(labels) != bool(label_column):
         raise SmidsError("--labels and --label-column go together: the table, and which of its columns holds the classes")
     source = resolve_model(model_uri)
+    model = load_classifier(source.uri)  # first: a model that is no classifier is refused before its data is read
     excluded = None
     with tempfile.TemporaryDirectory() as workdir:
         if split == "all" and data and not split_manifest:
             dataset, excluded = foreign_data(source, data, workdir, labels=labels, label_column=label_column)
         else:
             dataset = evaluation_data(source, data, split_manifest, workdir, labels, label_column)
-    model = load_classifier(source.uri)
     part = select_split(dataset, split, model.classes, model_uri)
     images = model.pack([load_tensors(part, *spec) for spec in model.inputs])
     probs = np.concatenate([model.probabilities(images[i:i + batch]) for i in range(0, len(images), batch)])

@@ -45,14 +45,19 @@ def one_line(error: Exception) -> str:
     return " ".join(str(getattr(error, "message", error)).split()) or type(error).__name__
 
 
-def load_classifier(uri: str) -> "SmidsClassifier":
-    """The SmidsClassifier behind any MLflow model URI; a one-line SmidsError when it cannot be loaded."""
+def load_classifier(uri: str, pretrained_ok: bool = False) -> "SmidsClassifier":
+    """The SmidsClassifier behind any MLflow model URI; a one-line SmidsError when it cannot be loaded, or when
+    it is a network pretrained without labels (its classifier is a placeholder) unless `pretrained_ok`
+    (`--init-from`, which replaces the classifier)."""
     try:
         model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except (MlflowException, OSError, ImportError) as exc:
         raise SmidsError(f"cannot load model {uri}: {one_line(exc)}") from None
     if not isinstance(model, SmidsClassifier):
         raise SmidsError(f"{uri} is not a smids-ml model (its python model is a {type(model).__name__})")
+    if model.pretrained and not pretrained_ok:
+        raise SmidsError(f"{uri} is a network pretrained without labels ({model.pretrained}), not a classifier: "
+                         f"train one from it with `smids-ml train --init-from {uri}`")
     return model
 
 
@@ -79,6 +84,7 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
         """`meta`: {"classes", "members": [config, ...]}, or the single-model {"classes", "config"} of
         models logged before ensembles; the weights file holds {"members": [state_dict, ...]} or one state_dict."""
         self.classes: list[str] = meta["classes"]
+        self.pretrained: str | None = meta.get("pretrained")  # `smids-ml pretrain`: a placeholder classifier
         self.members = [TrainConfig.from_dict(c) for c in meta.get("members") or [meta["config"]]]
         self.config = self.members[0]  # the resize mode every member shares; the first member's input
         self.inputs = list(dict.fromkeys(input_of(cfg) for cfg in self.members))
@@ -135,6 +141,10 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
         return frame
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if self.pretrained:
+            raise MlflowException(f"this model is a network pretrained without labels ({self.pretrained}), not a "
+                                  "classifier: train one from it with `smids-ml train --init-from`",
+                                  error_code=INVALID_PARAMETER_VALUE)
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
             raise MlflowException(f"the input needs a column 'image' of base64-encoded images; got columns "

@@ -177,12 +177,15 @@ def log_frame(frame: pd.DataFrame, path: str) -> None:
         mlflow.log_artifact(str(file), str(Path(path).parent) if Path(path).parent != Path(".") else None)
 
 
-def model_meta(configs: list[TrainConfig], classes: list[str]) -> dict:
-    """What the pyfunc needs besides weights: the classes and each member's config."""
-    return {"classes": list(classes), "members": [cfg.to_dict() for cfg in configs]}
+def model_meta(configs: list[TrainConfig], classes: list[str], pretrained: str | None = None) -> dict:
+    """What the pyfunc needs besides weights: the classes and each member's config; for a network pretrained
+    without labels (`smids-ml pretrain`), the method, so that nothing serves its placeholder classifier."""
+    return {"classes": list(classes), "members": [cfg.to_dict() for cfg in configs],
+            **({"pretrained": pretrained} if pretrained else {})}
 
 
-def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Dataset, name: str = "model"):
+def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Dataset, name: str = "model",
+              pretrained: str | None = None):
     """Log the pyfunc (members' weights + configs + this package's code) with a signature and a 2-image example.
 
     `members` is one (network, config) pair for a single model, or several for an ensemble; they may differ
@@ -204,7 +207,7 @@ def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Datas
         weights, meta_file = Path(tmp) / "weights.pt", Path(tmp) / "config.json"
         torch.save({"members": [{k: v.detach().cpu() for k, v in network.state_dict().items()}
                                 for network, _ in members]}, weights)
-        meta = model_meta(configs, dataset.classes)
+        meta = model_meta(configs, dataset.classes, pretrained)
         meta_file.write_text(json.dumps(meta, indent=2))
         classifier = SmidsClassifier().load(meta, str(weights))
         batch = torch.stack([classifier.preprocess(open_image(dataset.root / p)) for p in examples])
@@ -214,7 +217,8 @@ def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Datas
             return mlflow.pyfunc.log_model(
                 name=name, python_model=str(PACKAGE_DIR / "model_code.py"),
                 artifacts={"weights": str(weights), "config": str(meta_file)},
-                signature=infer_signature(example, output), input_example=example,
+                # MLflow checks an input example by predicting it, which a pretrained network refuses
+                signature=infer_signature(example, output), input_example=None if pretrained else example,
                 pip_requirements=pip_requirements(), code_paths=[str(PACKAGE_DIR)],
             )
 

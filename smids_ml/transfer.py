@@ -27,7 +27,7 @@ def source(uri: str):
     from smids_ml.evaluate import resolve_model
     from smids_ml.serving import load_classifier
 
-    model = load_classifier(uri)
+    model = load_classifier(uri, pretrained_ok=True)
     if len(model.networks) != 1:
         raise SmidsError(f"--init-from {uri} is an ensemble of {len(model.networks)} networks; start from one model")
     return model.members[0], model.networks[0], resolve_model(uri)

@@ -16,7 +16,7 @@ from smids_ml.cli import COMMANDS
 from smids_ml.config import TrainConfig
 from tests.conftest import ROOT
 
-ENTRY_POINTS = {"main", "train", "tune", "evaluate", "predict", "report", "explore", "synth", "cv"}
+ENTRY_POINTS = {"main", "train", "tune", "evaluate", "predict", "report", "explore", "synth", "cv", "pretrain"}
 
 
 def mlproject():

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from smids_ml.config import TrainConfig, config_from_options
 from smids_ml.data import normalize, open_image, prepare_image
-from smids_ml.engine import cpu_has_native_bf16, resolve_precision
+from smids_ml.engine import cpu_has_native_bf16, make_mix, resolve_precision
 from smids_ml.train import main as train_command
 from smids_ml.train import train
 from tests.conftest import ROOT, TINY
@@ -85,14 +85,25 @@ def test_same_seed_gives_the_same_metrics(tracking, synth_data):
     assert other[-1]["train_loss"] != first[-1]["train_loss"]
 
 
-def test_mixup_blends_the_training_batches_reproducibly(tracking, synth_data):
-    cfg = TrainConfig(data=str(synth_data), **TINY, mixup=0.4).validate()
+@pytest.mark.parametrize("pairs", ["any", "class"])
+def test_mixup_blends_the_training_batches_reproducibly(tracking, synth_data, pairs):
+    cfg = TrainConfig(data=str(synth_data), **TINY, mixup=0.4, mixup_pairs=pairs).validate()
     first = train(cfg, experiment=tracking).history.epochs
     second = train(cfg, experiment=tracking).history.epochs
     plain = train(cfg.replace(mixup=0.0), experiment=tracking).history.epochs
     assert [e["train_loss"] for e in first] == [e["train_loss"] for e in second]
     assert all(np.isfinite(e["train_loss"]) for e in first)
     assert first[0]["train_loss"] != plain[0]["train_loss"]  # same seed, same batches: only the blending differs
+
+
+def test_intra_class_mixup_blends_only_images_of_one_class_and_keeps_their_labels():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 0, 1, 0, 2, 1, 0, 3])  # class 3 has one image: it is blended with itself
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 4, 4) + torch.rand(10, 1, 4, 4) * 0.1
+    mixed, soft = make_mix(0.4, "class", 4)(images, labels)
+    assert torch.equal(soft, torch.nn.functional.one_hot(labels, 4).float())
+    assert torch.equal(mixed.round(), labels.float().view(-1, 1, 1, 1).expand(-1, 1, 4, 4))  # no class leaks in
+    assert not torch.allclose(mixed[labels != 3], images[labels != 3])  # yet they are blended
 
 
 def test_ema_keeps_and_validates_the_averaged_weights_without_changing_training(tracking, synth_data):

@@ -56,3 +56,28 @@ def test_tune_from_a_source_leaves_its_architecture_out_of_the_search(tracking, 
     trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert [t.data.params["model"] for t in trials] == ["improved_cnn"]
     assert all(t.data.tags["smids_ml.init_from"] == source for t in trials)
+
+
+def test_a_network_pretrained_without_labels_starts_a_classifier_and_is_no_classifier_itself(tracking, synth_data):
+    result = invoke(["pretrain", str(synth_data), "--model", "improved_cnn", "--image-size", "32", "--epochs", "2",
+                     "--batch", "16", "--num-threads", "1", "--experiment", tracking, "--register-as", "ssl-tiny"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    version = client.get_latest_versions("ssl-tiny")[0]
+    run = client.get_run(version.run_id)
+    assert run.data.tags["smids_ml.pretrained"] == "simclr" and run.data.params["class_names"] == "unlabelled"
+    assert len(client.get_metric_history(run.info.run_id, "pretrain_loss")) == 2 and run.data.metrics["train_tflop"] > 0
+    source = f"runs:/{run.info.run_id}/model"
+    assert f"--init-from {source}" in result.output
+    for command in (["predict", source, str(next(synth_data.rglob("*.bmp")))], ["evaluate", "models:/ssl-tiny/1"]):
+        assert_one_line_error(invoke(command), "pretrained without labels (simclr), not a classifier", "--init-from")
+    result = invoke(["train", "--data", str(synth_data), "--init-from", source, "--freeze-epochs", "1",
+                     "--experiment", tracking, *FLAGS, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    trained = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.smids_ml.init_from != ''",
+                                 output_format="list")[0]
+    assert trained.data.tags["smids_ml.init_from_run"] == run.info.run_id
+    assert trained.data.params["model"] == "improved_cnn" and trained.data.params["image_size"] == "32"  # followed
+    new = load_classifier(f"runs:/{trained.info.run_id}/model").networks[0].state_dict()
+    old = load_classifier(source, pretrained_ok=True).networks[0].state_dict()
+    assert torch.equal(new["features.0.weight"], old["features.0.weight"]) and new["classifier.4.weight"].shape[0] == 3
