@@ -2,19 +2,22 @@
 # make test  — set up and run the test suite (what .ci/run calls)
 # make server — a tracking server on 127.0.0.1:5000 (ARGS='--backend-store-uri postgresql://…' for a team)
 # make bench — run the speed benchmarks (prints tables)
+# make docs  — serve the documentation site on http://127.0.0.1:8000 (mkdocs serve; edits reload)
+# make docs-build — build the site strictly into site/ (broken links and anchors fail it; .ci/run runs it)
 # make bench-accuracy — cross-validated accuracy on real crops (../shared/data/smids-dev by default; hours on a CPU)
 
 PYTHON ?= python3
+export NO_MKDOCS_2_WARNING := 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system demo test bench bench-accuracy server clean
+.PHONY: setup system demo test docs docs-build bench bench-accuracy server clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,docs]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,6 +36,12 @@ demo: setup
 test: setup system
 	$(BIN)/python -m pytest -q
 
+docs: setup
+	$(BIN)/mkdocs serve $(ARGS)
+
+docs-build: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
 bench: setup
 	$(BIN)/python -m benchmarks
 
@@ -43,4 +52,4 @@ bench-accuracy: setup
 	$(BIN)/python -m benchmarks.bench_accuracy $(ARGS)
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db optuna.journal data/synthetic
+	rm -rf $(VENV) mlruns mlflow.db optuna.journal data/synthetic site

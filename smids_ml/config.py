@@ -28,7 +28,7 @@ MAX_IMAGE_SIZE = 1024  # far beyond any crop; the image cache grows with the squ
 
 
 # Named partial configs. The default recipe is TrainConfig's own defaults, chosen by 5-fold
-# cross-validation on real SMIDS crops (README "Accuracy on real crops"): 96 px input through a pooled
+# cross-validation on real SMIDS crops (docs/benchmarks.md, "Accuracy on real crops"): 96 px input through a pooled
 # stem for 155 epochs, a fifth of the compute of `long`, the previous defaults (the plain stem for 200
 # epochs), kept for whoever has the time. `fast` trains the plain stem at 64 px for 150 epochs and
 # averages the 8 orientations at test time (a third of `long`'s compute; docs/accuracy.md). `original` is the

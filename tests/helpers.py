@@ -1,9 +1,11 @@
-"""Small helpers the tests share: image files on disk and checking a command's one-line error."""
+"""Small helpers the tests share: image files on disk, checking a command's one-line error, a headless Chromium."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,33 @@ def grey_imbalanced_set(root, synth_data, side: int = 48, counts=(14, 6)):
         for i, source in enumerate(sources[offset:offset + count]):
             Image.open(source).convert("L").resize((side, side)).save(root / name / f"{name}_{i}.png")
     return root
+
+
+@contextmanager
+def chromium(window: str = "1200,1600"):
+    """Debian's Chromium (installed by `make system`), headless, through its chromedriver; the browser's console
+    log is kept (`driver.get_log("browser")`), so a test can assert that a page made no errors."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={window}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def console_errors(driver) -> list[dict]:
+    """The browser console's errors since the last call (the log is drained by reading it)."""
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def not_blank(png: Path) -> bool:
+    """A screenshot with contrast and many grey levels: a page was drawn, not an empty or error screen."""
+    shot = np.asarray(Image.open(png).convert("L"), dtype=float)
+    return shot.std() > 20 and len(np.unique(shot)) > 50
