@@ -227,10 +227,14 @@ def check_registry_names(name: str | None, alias: str | None) -> None:
     """Refuse a --register-as or --alias the registry would refuse, with MLflow's own rules, before any training:
     otherwise the whole training runs, then MLflow's traceback ends it."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_name
+    from mlflow.utils.validation import (_validate_model_alias_name, _validate_model_alias_name_reserved,
+                                         _validate_model_name)
 
-    for flag, value, validate in (("--register-as", name, _validate_model_name), ("--alias", alias,
-                                                                                 _validate_model_alias_name)):
+    def valid_alias(value):  # `latest` and `v1`-like names are MLflow's own (models:/NAME@latest is the newest)
+        _validate_model_alias_name(value)
+        _validate_model_alias_name_reserved(value)
+
+    for flag, value, validate in (("--register-as", name, _validate_model_name), ("--alias", alias, valid_alias)):
         if value:
             try:
                 validate(value)

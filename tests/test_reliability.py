@@ -259,13 +259,18 @@ def test_predict_gives_a_model_that_answers_nan_an_error_row_not_a_blank_confide
     assert "0 predicted, 1 failed" in predicted.output and "not a number (NaN)" in predicted.output
 
 
-@pytest.mark.parametrize("command", ["train", "cv", "tune"])
-def test_a_registry_name_mlflow_refuses_is_one_line_before_any_run(synth_data, tracking, tmp_path, command):
+@pytest.mark.parametrize("command, names, expected", [
+    ("train", ["--register-as", "a/b:c"], ("--register-as 'a/b:c'", "cannot contain '/' or ':'")),
+    ("cv", ["--register-as", "a/b:c"], ("--register-as 'a/b:c'", "cannot contain '/' or ':'")),
+    ("tune", ["--register-as", "a/b:c"], ("--register-as 'a/b:c'", "cannot contain '/' or ':'")),
+    ("train", ["--register-as", "ok", "--alias", "latest"], ("--alias 'latest'", "reserved")),
+])
+def test_a_registry_name_mlflow_refuses_is_one_line_before_any_run(synth_data, tracking, tmp_path, command, names,
+                                                                   expected):
     storage = tmp_path / "optuna.journal"
     extra = ["--storage", str(storage)] if command == "tune" else []
-    result = invoke([command, "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, *extra,
-                     "--register-as", "a/b:c"])
-    assert_one_line_error(result, "--register-as 'a/b:c'", "cannot contain '/' or ':'")
+    result = invoke([command, "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, *extra, *names])
+    assert_one_line_error(result, *expected)
     assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
 
 
