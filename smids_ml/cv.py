@@ -81,7 +81,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     cfg = adapt(cfg, dataset, round(len(dataset.manifest) * (folds - 1) / folds * (1 - cfg.valid_frac)))
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tracking.process_tags(), nested=nested) as parent:
-        tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
+        tracking.log_new_params({**tracking.config_params(cfg),
                            "folds": folds, "n_images": len(dataset.manifest), **tracking.data_params(dataset)})
         tracking.log_dataset(dataset, "train")
         tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS[:-1]].assign(fold=fold), "cv_manifest.csv")

@@ -130,7 +130,7 @@ class Search:
         if not self.folds:
             result = run_training(cfg, self.dataset, callbacks=callbacks, log_model=False)
             return result.history.best[cfg.monitor], result.network
-        tracking.log_new_params({**{k: "" if v is None else v for k, v in cfg.to_dict().items()},
+        tracking.log_new_params({**tracking.config_params(cfg),
                                  "ranking_folds": len(self.folds)})
         mlflow.set_tags(tracking.process_tags())
         best = []

@@ -59,9 +59,14 @@ def pip_requirements() -> list[str]:
             f"scikit-learn=={v['scikit-learn']}", "click", "pyyaml"]
 
 
+def config_params(cfg: TrainConfig, prefix: str = "") -> dict:
+    """A config as MLflow params: every field, unset ones (None) as "" (a param cannot be None)."""
+    return {f"{prefix}{k}": "" if v is None else v for k, v in cfg.to_dict().items()}
+
+
 def log_run_context(cfg: TrainConfig, dataset: Dataset, num_parameters: int) -> None:
     """Config, data fingerprint, class counts, split sizes, versions and commit."""
-    params = {k: ("" if v is None else v) for k, v in cfg.to_dict().items()}
+    params = config_params(cfg)
     counts = dataset.counts()
     params.update(class_names=",".join(dataset.classes), num_classes=len(dataset.classes),
                   num_parameters=num_parameters, data_fingerprint=dataset.fingerprint(), **data_params(dataset))

@@ -182,7 +182,7 @@ def train_per_label(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMEN
     datasets = {column: prepare_data(config) for column, config in configs.items()}
     use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tracking.process_tags()):
-        tracking.log_new_params({k: "" if v is None else v for k, v in cfg.to_dict().items()})
+        tracking.log_new_params(tracking.config_params(cfg))
         for dataset in datasets.values():
             tracking.log_dataset(dataset, "train")
         return {column: train(configs[column], None, f"label {column}", register_as and f"{register_as}-{column}",

@@ -141,7 +141,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
                                      "storage": storage, **({"rungs": rungs, "eta": eta} if halving else {}),
                                      "ranking": "folds" if ranked.folds else "split",
                                      **({"ranking_folds": ranked.folds} if ranked.folds else {}),
-                                     **{f"base_{k}": ("" if v is None else v) for k, v in base.to_dict().items()}})
+                                     **tracking.config_params(base, "base_")})
     with active:
         mlflow.set_tags(tracking.process_tags() | {RANKING_ATTR: ranked.line()}
                         | ({"smids_ml.plan": planned.line()} if planned else {}))
