@@ -16,6 +16,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from smids_ml.optuna_internals import mark_rung_passed
+
 RUNGS_ATTR = "smids_ml.rungs"  # trial attr: {rung: {"value", "run_id", "epochs"}} of the rungs it was promoted from
 RUNG_TAG = "smids_ml.rung"  # child-run tag and trial attr: the rung a run trained (0 = the shortest schedule)
 EPOCHS_ATTR = "smids_ml.epochs"  # trial attr: the epochs of its latest rung
@@ -69,8 +71,7 @@ def carry(trial: optuna.Trial, eta: int) -> dict[int, dict]:
     carried = {int(r): record for r, record in trial.user_attrs.get(RUNGS_ATTR, {}).items()}
     for rung, record in sorted(carried.items()):
         trial.report(record["value"], step_of(rung, eta))
-        # the attr SuccessiveHalvingPruner sets on a trial that passed a rung (optuna.pruners._successive_halving)
-        trial.study._storage.set_trial_system_attr(trial._trial_id, f"completed_rung_{rung}", record["value"])
+        mark_rung_passed(trial, rung, record["value"])
     return carried
 
 

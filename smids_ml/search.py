@@ -24,6 +24,7 @@ from smids_ml.config import TrainConfig
 from smids_ml.console import stop_if_signalled
 from smids_ml.data import Dataset
 from smids_ml.engine import Diverged
+from smids_ml.optuna_internals import heartbeat
 from smids_ml.rungs import (DEFAULT_ETA, EPOCHS_ATTR, RUNG_TAG, RUNGS_ATTR, carry, record, rung_epochs,
                             rungs_of_failed, step_of)
 from smids_ml.spaces import configure, suggest
@@ -201,22 +202,19 @@ def run_grid(study: optuna.Study, search: Search, lock, poll: float, n_trials: i
 
 def run_trial(study: optuna.Study, search: Search, trial: optuna.Trial) -> None:
     """What `study.optimize` does for one asked trial: heartbeats while it runs, then tell the outcome."""
-    # Optuna's own heartbeat thread (what optimize uses); a no-op for storages without heartbeats
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    with heartbeat(study, trial):
         try:
             value = search.objective(trial)
         except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
+            frozen = study.tell(trial, state=TrialState.PRUNED)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
         else:
-            study.tell(trial, value)
+            frozen = study.tell(trial, value)
         finally:
             gc.collect()
-    echo_trial(study, study._storage.get_trial(trial._trial_id))
+    echo_trial(study, frozen)
 
 
 def summary(study: optuna.Study, monitor: str) -> pd.DataFrame:

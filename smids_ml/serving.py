@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
@@ -142,21 +141,21 @@ class SmidsClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if self.pretrained:
-            raise MlflowException(f"this model is a network pretrained without labels ({self.pretrained}), not a "
-                                  "classifier: train one from it with `smids-ml train --init-from`",
-                                  error_code=INVALID_PARAMETER_VALUE)
+            raise MlflowException.invalid_parameter_value(
+                f"this model is a network pretrained without labels ({self.pretrained}), not a classifier: "
+                "train one from it with `smids-ml train --init-from`")
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
-            raise MlflowException(f"the input needs a column 'image' of base64-encoded images; got columns "
-                                  f"{list(frame.columns)}", error_code=INVALID_PARAMETER_VALUE)
+            raise MlflowException.invalid_parameter_value(
+                f"the input needs a column 'image' of base64-encoded images; got columns {list(frame.columns)}")
         if len(frame) > MAX_REQUEST_IMAGES:
-            raise MlflowException(f"{len(frame)} images in one request; the limit is {MAX_REQUEST_IMAGES}",
-                                  error_code=INVALID_PARAMETER_VALUE)
+            raise MlflowException.invalid_parameter_value(
+                f"{len(frame)} images in one request; the limit is {MAX_REQUEST_IMAGES}")
         tensors = []
         for row, text in enumerate(frame["image"]):
             try:
                 tensors.append(self.preprocess(decode_base64_image(text)))
             except ImageError as exc:
-                raise MlflowException(f"image {row}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+                raise MlflowException.invalid_parameter_value(f"image {row}: {exc}") from None
         batch = torch.stack(tensors) if tensors else torch.zeros((0,), dtype=torch.uint8)
         return self.to_frame(self.probabilities(batch))

@@ -175,7 +175,7 @@ def fail_stale_trials(study: optuna.Study) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
         if tracking.process_is_gone(attrs.get(tracking.HOST_TAG), attrs.get(tracking.PID_TAG)):
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             failed += 1
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
@@ -189,15 +189,12 @@ def fail_stale_trials(study: optuna.Study) -> int:
 
 def next_grid_point(study: optuna.Study, space: dict) -> tuple[dict | None, bool]:
     """(the params of a grid point nobody has run or is running, or None; whether any point is still
-    running). A point that failed once is run again; twice, it is left. Reads the storage itself, not a
-    worker's cache, since other workers write to it."""
+    running). A point that failed once is run again; twice, it is left. Other workers write to the
+    same storage: `get_trials` reads their new and unfinished trials afresh (Optuna's cache keeps finished ones)."""
     grid = grid_of(space)
     names = list(grid)
     status: dict[tuple, list] = {values: [] for values in itertools.product(*grid.values())}
-    storage = study._storage
-    if isinstance(storage, optuna.storages._CachedStorage):  # Optuna's cache in front of a database
-        storage = storage._backend
-    for trial in storage.get_all_trials(study._study_id, deepcopy=False):
+    for trial in study.get_trials(deepcopy=False):
         point = {**trial.user_attrs.get(GRID_ATTR, {}), **trial.params}
         key = tuple(point.get(n) for n in names)
         if key in status:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import mlflow
 import numpy as np
@@ -272,6 +273,31 @@ def test_a_registry_name_mlflow_refuses_is_one_line_before_any_run(synth_data, t
     result = invoke([command, "--data", str(synth_data), "--experiment", tracking, *TINY_FLAGS, *extra, *names])
     assert_one_line_error(result, *expected)
     assert mlflow.get_experiment_by_name(tracking) is None and not storage.exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--register-as", "good_name-1.2"), ("--register-as", "with space"), ("--register-as", "a/b"),
+    ("--register-as", "a:b"), ("--alias", "first"), ("--alias", "best_2-a"), ("--alias", "a.b"),
+    ("--alias", "with space"), ("--alias", "x" * 255), ("--alias", "x" * 256), ("--alias", "latest"),
+    ("--alias", "LATEST"), ("--alias", "v3"), ("--alias", "V12"), ("--alias", "v3a"),
+])
+def test_the_project_rule_for_registry_names_agrees_with_a_real_registry(trained_model, flag, value):
+    """The rule is the project's own (MLflow's validators are private): a new MLflow that changes its rules fails here."""
+    from mlflow.exceptions import MlflowException
+
+    from smids_ml.tracking import registry_name_problem
+
+    client = MlflowClient(trained_model["tracking_uri"])
+    try:
+        if flag == "--register-as":
+            client.create_registered_model(f"{value}-{uuid.uuid4().hex[:6]}")
+        else:
+            client.set_registered_model_alias(trained_model["name"], value, trained_model["version"])
+            client.delete_registered_model_alias(trained_model["name"], value)
+        accepted = True
+    except MlflowException:
+        accepted = False
+    assert (registry_name_problem(flag, value) is None) == accepted, (flag, value, accepted)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
