@@ -7,6 +7,8 @@
 # uv reads neither pip.conf nor PIP_* variables: where pip installs from a local index or mirror, with
 # find-links or a constraints file, uv would otherwise resolve against PyPI alone (for torch, a CUDA
 # build of several GB). pip's environment variables win over its files, as they do for pip.
+# pip takes the best version from all its indexes; uv by default only from the first index that has the package,
+# which may lack the lock's version (UV_INDEX_STRATEGY makes uv choose as pip does).
 # uv never downloads a Python here: the environment uses an installed one (conda.yaml's python=3.11).
 PIP="${PIP:-python3 -m pip}"
 $PIP config list 2>/dev/null | sort -r | while IFS= read -r line; do
@@ -21,4 +23,5 @@ $PIP config list 2>/dev/null | sort -r | while IFS= read -r line; do
         constraint) echo "export UV_CONSTRAINT='$(echo $value)'" ;;
     esac
 done
+echo "export UV_INDEX_STRATEGY=unsafe-best-match"
 echo "export UV_PYTHON_DOWNLOADS=never"

@@ -57,7 +57,8 @@ def pip_requirements() -> list[str]:
     v = library_versions()
     return [f"torch=={v['torch'].split('+')[0]}", f"torchvision=={v['torchvision'].split('+')[0]}",
             f"mlflow=={v['mlflow']}", f"pillow=={v['pillow']}", f"pandas=={v['pandas']}", f"numpy=={v['numpy']}",
-            f"scikit-learn=={v['scikit-learn']}", "click", "pyyaml"]
+            f"scikit-learn=={v['scikit-learn']}", f"click=={importlib.metadata.version('click')}",
+            f"pyyaml=={importlib.metadata.version('pyyaml')}"]
 
 
 def config_params(cfg: TrainConfig, prefix: str = "") -> dict:

@@ -8,8 +8,12 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+import importlib.metadata
+import tomllib
+
 import numpy as np
 from click.testing import CliRunner
+from packaging.requirements import Requirement
 from PIL import Image
 
 from tests.conftest import ROOT
@@ -135,3 +139,39 @@ def not_blank(png: Path) -> bool:
     """A screenshot with contrast and many grey levels: a page was drawn, not an empty or error screen."""
     shot = np.asarray(Image.open(png).convert("L"), dtype=float)
     return shot.std() > 20 and len(np.unique(shot)) > 50
+
+
+def direct_requirements(extras=("dev", "docs")) -> list[Requirement]:
+    """pyproject's dependencies and the extras named (make setup installs dev and docs)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [*project["dependencies"], *(line for extra in extras for line in project["optional-dependencies"][extra])]
+    return [Requirement(line) for line in lines]
+
+
+def locked_versions(lock: Path | None = None) -> dict[str, str]:
+    """The lock's pins that apply here (its markers evaluated for this Python and platform), by package name.
+    The lock is constraints.txt, or the one SMIDS_ML_LOCK names (make test-latest, make test-lowest)."""
+    lock = lock or Path(os.environ.get("SMIDS_ML_LOCK", ROOT / "constraints.txt"))
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate():
+                pins[canonical(req.name)] = str(next(iter(req.specifier))).removeprefix("==")
+    return pins
+
+
+def canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def lock_mismatches(site_packages: list[str] | None = None, extras=("dev", "docs")) -> list[str]:
+    """'NAME: installed X, the lock has Y' for each direct dependency (with these extras) installed in this
+    environment, or in the site-packages folders given, at another version than the lock's."""
+    installed = {canonical(d.metadata["Name"]): d.version
+                 for d in importlib.metadata.distributions(**({"path": site_packages} if site_packages else {}))}
+    pins = locked_versions()
+    return [f"{req.name}: installed {installed.get(canonical(req.name), 'nothing')}, the lock has "
+            f"{pins.get(canonical(req.name), 'nothing')}"
+            for req in direct_requirements(extras)
+            if installed.get(canonical(req.name)) != pins.get(canonical(req.name))]

@@ -15,6 +15,7 @@ import yaml
 from smids_ml.cli import COMMANDS
 from smids_ml.config import TrainConfig
 from tests.conftest import ROOT
+from tests.helpers import canonical, direct_requirements, lock_mismatches, locked_versions
 
 ENTRY_POINTS = {"main", "train", "tune", "evaluate", "predict", "report", "explore", "synth", "cv", "pretrain"}
 
@@ -23,12 +24,27 @@ def mlproject():
     return yaml.safe_load((ROOT / "MLproject").read_text())
 
 
-def test_conda_yaml_mirrors_pyproject_dependencies():
+def test_conda_yaml_mirrors_pyproject_dependencies_and_installs_them_from_the_lock():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
-    assert pip == project
+    assert pip == ["-c constraints.txt", *project]
     assert "torch==2.14.1" in project and "torchvision==0.29.1" in project
+
+
+def test_the_environment_is_the_locks():
+    """A stale or hand-mended environment fails here, in one line a package, not in a user's run a week later."""
+    mismatches = lock_mismatches()
+    assert not mismatches, "; ".join(mismatches) + " (make setup installs the lock; make lock re-resolves it)"
+
+
+def test_the_lock_satisfies_pyproject():
+    """pyproject.toml changed without `make lock`: its ranges and the lock's pins disagree."""
+    pins = locked_versions(ROOT / "constraints.txt")
+    for req in direct_requirements():
+        assert canonical(req.name) in pins, f"{req.name} is not in constraints.txt: run make lock"
+        assert req.specifier.contains(pins[canonical(req.name)], prereleases=True), \
+            f"{req}: constraints.txt pins {pins[canonical(req.name)]}: run make lock"
 
 
 def test_mlproject_train_parameters_are_trainconfig_fields_with_the_same_defaults():

@@ -23,7 +23,7 @@ from smids_ml.data import open_image
 from smids_ml.serving import load_classifier
 from smids_ml.studies import open_storage
 from tests.conftest import ROOT, TINY
-from tests.helpers import assert_one_line_error, invoke, make_colour_dataset, mlflow_run
+from tests.helpers import assert_one_line_error, invoke, lock_mismatches, make_colour_dataset, mlflow_run
 
 # --finalists 0: the best trial's own weights are registered (the finalists' cross-validation has its own tests);
 # --ranking split: these tiny sets would be ranked by folds (test_ranking has those tests)
@@ -180,11 +180,11 @@ def test_mlflow_run_tune_shares_a_postgres_study(tracking, synth_data, tmp_path,
 
 def test_mlflow_run_tune_builds_its_environment_with_uv(tracking, synth_data, tmp_path):
     """`--env-manager uv`: MLflow builds a virtualenv from conda.yaml's pip list with uv, set up like pip by
-    scripts/uv-env.sh (the same index, find-links and constraints), and runs the study in it."""
+    scripts/uv-env.sh (the same index, find-links and constraints), with the lock's versions, and runs the study in it."""
     exports = subprocess.run(["sh", str(ROOT / "scripts" / "uv-env.sh")], capture_output=True, text=True, check=True,
                              env=os.environ | {"PIP": f"{sys.executable} -m pip"}).stdout
     uv_env = dict(re.findall(r"^export (\w+)='?(.*?)'?$", exports, re.M))
-    assert uv_env["UV_PYTHON_DOWNLOADS"] == "never"
+    assert uv_env["UV_PYTHON_DOWNLOADS"] == "never" and uv_env["UV_INDEX_STRATEGY"] == "unsafe-best-match"
     space = space_file(tmp_path, "uv", "params:\n  lr: [0.001]\n")
     params = {**{k: v for k, v in TINY.items() if k != "epochs"}, "epochs": 1, "data": synth_data, "sampler": "grid",
               "space": space, "study_name": "uv", "register_as": "uv-best", "finalists": 0,
@@ -199,6 +199,8 @@ def test_mlflow_run_tune_builds_its_environment_with_uv(tracking, synth_data, tm
     parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
     assert parent["tags.mlflow.project.env"] == "uv" and len(children(parent["run_id"])) == 1
     assert MlflowClient().get_model_version_by_alias("uv-best", "champion").version == "1"
+    [site_packages] = envs.glob("mlflow-*/lib/python*/site-packages")  # conda.yaml's `-c constraints.txt` held
+    assert lock_mismatches([str(site_packages)], extras=()) == []
 
 
 def test_default_study_storage_sits_beside_a_sqlite_tracking_store(synth_data, tmp_path, monkeypatch):
