@@ -110,7 +110,7 @@ class TrainConfig:
     scale_shift: float = _opt(0.1, "Largest random rescale and shift, as a fraction of the image (times --augment-strength).")
     # model
     model: str = _opt("smids_resnet", "Architecture.", MODELS)
-    pretrained: bool = _opt(False, "Start from torchvision ImageNet weights (must already be in the torch cache).")
+    pretrained: bool = _opt(False, "Start from torchvision ImageNet weights (from the torch cache, or downloaded into it).")
     init_from: str | None = _opt(None, "Start from another smids-ml model's network (models:/NAME@ALIAS, models:/NAME/VERSION "
                                        "or runs:/RUN/model): its weights, with a new classifier for this data's classes. "
                                        "--model, --width, --stem, --channels, --image-size and --resize follow it unless "

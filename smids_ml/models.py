@@ -4,6 +4,7 @@ for SMIDS crops (the default) and three torchvision networks."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch import nn
@@ -117,6 +118,21 @@ def weights_path(name: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
+def imagenet_weights(name: str) -> dict:
+    """torchvision's ImageNet weights for `name`: from the torch cache, else downloaded into it (a progress bar on
+    a terminal). Offline, one line says where to put the file."""
+    weights, path = TORCHVISION[name][1], weights_path(name)
+    if not os.path.isfile(path):
+        print(f"downloading ImageNet weights for {name} into {path}", file=sys.stderr)
+    try:
+        return weights.get_state_dict(progress=sys.stderr.isatty(), weights_only=True)
+    except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
+        reason = getattr(exc, "reason", None) or exc
+        raise SmidsError(f"--pretrained: ImageNet weights for {name} are not in the torch cache ({path}) and could "
+                         f"not be downloaded ({reason}); download {weights.url} on a connected machine and copy it "
+                         "there, or train without --pretrained") from None
+
+
 def _first_conv(model: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(model, tv.ResNet):
         return model, "conv1"
@@ -160,11 +176,7 @@ def build(name: str, num_classes: int, channels: int = 3, dropout: float = 0.35,
     factory, weights = TORCHVISION[name]
     model = factory(weights=None)
     if pretrained:
-        path = weights_path(name)
-        if not os.path.isfile(path):
-            raise SmidsError(f"--pretrained: ImageNet weights for {name} are not in the torch cache ({path}); "
-                             f"download {weights.url} on a connected machine and copy it there, or train without --pretrained")
-        model.load_state_dict(weights.get_state_dict(progress=False, weights_only=True))
+        model.load_state_dict(imagenet_weights(name))
     _adapt_input(model, channels)
     _replace_head(model, num_classes, dropout)
     return model

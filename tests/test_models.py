@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -34,8 +35,13 @@ def test_study_cnns_follow_the_original_architecture():
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_pretrained_weights_load_from_the_torch_cache(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(SmidsError, match=f"ImageNet weights for {name} are not in the torch cache"):
-        build(name, 3, pretrained=True)
+    with socket.socket() as closed:  # a proxy that refuses: offline on any machine, connected or not
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        with pytest.raises(SmidsError, match=f"ImageNet weights for {name} are not in the torch cache .* and could "
+                                             "not be downloaded .*; download https://download.pytorch.org/"):
+            build(name, 3, pretrained=True)
+    assert not os.listdir(tmp_path / "hub" / "checkpoints")  # no partial file left to load next time
     reference = TORCHVISION[name][0](weights=None)
     path = weights_path(name)
     assert path.startswith(str(tmp_path))
