@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 
 import optuna
+import pytest
 from optuna.pruners import SuccessiveHalvingPruner
 from optuna.trial import TrialState
 
 from smids_ml.optuna_internals import heartbeat, mark_rung_passed, rung_passed_key
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeats are, since Optuna 2.9
 def test_heartbeat_keeps_an_asked_trial_alive_and_stops_with_the_block(tmp_path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.db", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage)
