@@ -12,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
@@ -314,12 +314,15 @@ def config_options(defaults: dict[str, Any] | None = None):
     return decorate
 
 
-def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None) -> TrainConfig:
+def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None,
+                        follow: Callable[[str], dict[str, Any]] | None = None) -> TrainConfig:
     """Build a validated TrainConfig from the keyword arguments click passed; pops what it uses.
 
     With --preset, a flag overrides the preset when it was given on the command line; under
     `mlflow run`, which passes every parameter, when it also differs from the default.
     `defaults` (the command's own, as given to `config_options`) apply under the preset's values.
+    `follow` gives the fields an --init-from source fixes (`transfer.followed_fields`, which loads the model):
+    they apply over the preset and the defaults, under the flags given.
     """
     context = click.get_current_context(silent=True)
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
@@ -339,15 +342,5 @@ def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None
             values[f.name] = value
     preset = values.pop("preset", "default")
     own = {k: v for k, v in (defaults or {}).items() if k not in PRESETS.get(preset, {})}
-    followed = {}
-    if values.get("init_from"):  # the source network's architecture and input, under the flags given
-        from smids_ml.transfer import followed_fields  # loads a model: torch and MLflow only when asked
-        followed = followed_fields(values["init_from"])
-    cfg = TrainConfig.from_preset(preset, **{**own, **followed, **values}).validate()
-    from smids_ml.engine import resolve_device  # torch: checked here, with the flags, so no run is created first
-
-    resolve_device(cfg.device)
-    if cfg.init_from:
-        from smids_ml.transfer import check_source
-        check_source(cfg)
-    return cfg
+    followed = follow(values["init_from"]) if follow and values.get("init_from") else {}
+    return TrainConfig.from_preset(preset, **{**own, **followed, **values}).validate()

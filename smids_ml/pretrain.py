@@ -34,7 +34,6 @@ from smids_ml.data import Dataset, augment_batch, check, data_folder, files_unde
 from smids_ml.engine import (_autocast, _to_device, check_finite, make_optimizer, make_scheduler, resolve_device,
                              resolve_precision, seed_everything)
 from smids_ml.models import build_for, classifier_name, count_parameters, unwrap
-from smids_ml.train import log_split_and_config, use_experiment
 
 DEFAULT_EXPERIMENT = "smids-ml-pretrain"
 METHOD = "simclr"
@@ -189,14 +188,14 @@ def pretrain(folder: str, cfg: TrainConfig, temperature: float = 0.2, experiment
     resolve_device(cfg.device)
     dataset = unlabelled_dataset(folder)
     cfg = pretrain_epochs(cfg, dataset)
-    use_experiment(experiment)
+    tracking.use_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tag(PRETRAINED_TAG, METHOD)
         network, epochs = run_pretraining(cfg, dataset, temperature)
         frame = pd.DataFrame(epochs)
         frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
         tracking.log_frame(frame, "history.csv")
-        log_split_and_config(dataset, cfg)
+        tracking.log_split_and_config(dataset, cfg)
         model_uri = tracking.log_model([(network, cfg)], dataset, pretrained=METHOD).model_uri
         version = None
         if register_as:

@@ -29,8 +29,9 @@ from smids_ml import SmidsError, tracking
 from smids_ml import finalists as final
 from smids_ml.adapt import adapt
 from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
-from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.config import TrainConfig, config_options
 from smids_ml.console import Command, stops_cleanly
+from smids_ml.data import prepare_data
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
 from smids_ml.ranking import (DEFAULT_RANKING_FOLDS, MIN_VALID_CROPS, RANKING_ATTR, RANKINGS, choose_ranking,
                               fold_parts, keep_ranking)
@@ -40,8 +41,8 @@ from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
 from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, RUN_ID_ATTR, best_trial, check_same_space, default_storage,
                               enqueue_defaults, fail_stale_trials, make_pruner, make_sampler, open_storage,
                               ranked_trials, retry_failed, run_exists, study_lock)
-from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, use_experiment
-from smids_ml.transfer import MUST_MATCH
+from smids_ml.train import DEFAULT_EXPERIMENT
+from smids_ml.transfer import MUST_MATCH, checked_config
 
 DEFAULT_TPE_TRIALS = 20
 # Trials are ranked, pruned and early-stopped on validation, so tune carves one even where train's default does not.
@@ -132,7 +133,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             home_name = MlflowClient().get_experiment(home).name
             raise SmidsError(f"study {study_name} is tracked in experiment {home_name!r} "
                              f"(its parent run {resume}); run it with --experiment {home_name!r}")
-        use_experiment(experiment)
+        tracking.use_experiment(experiment)
         active = mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
                                   tags={"optuna.study": study_name, "optuna.sampler": sampler})
         if not resume:
@@ -276,7 +277,7 @@ def main(sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_t
          storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, budget, ranking,
          ranking_folds, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
-    base = config_from_options(options, TUNE_DEFAULTS)
+    base = checked_config(options, TUNE_DEFAULTS)
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
                           pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat,
