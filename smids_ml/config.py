@@ -287,13 +287,13 @@ class TrainConfig:
         return [c.strip() for c in self.classes.split(",") if c.strip()] if self.classes else None
 
 
-def config_options(defaults: dict[str, Any] | None = None):
+def config_options(defaults: dict[str, Any] | None = None, only: tuple[str, ...] | None = None):
     """A decorator adding one click option per TrainConfig field (booleans as `--x [BOOL]` and `--no-x`);
     `defaults` are the command's own defaults where they differ from TrainConfig's (pass them to
-    `config_from_options` too)."""
+    `config_from_options` too); `only` names the fields of a command that takes a few (`pretrain`)."""
 
     def decorate(command):
-        for f in reversed([f for f in fields(TrainConfig) if f.metadata["cli"]]):
+        for f in reversed([f for f in fields(TrainConfig) if f.metadata["cli"] and (only is None or f.name in only)]):
             default = (defaults or {}).get(f.name, f.default)
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata["help"]

@@ -33,8 +33,8 @@ from smids_ml.config import TrainConfig, config_options
 from smids_ml.console import Command, stops_cleanly
 from smids_ml.data import prepare_data
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
-from smids_ml.ranking import (DEFAULT_RANKING_FOLDS, MIN_VALID_CROPS, RANKING_ATTR, RANKINGS, choose_ranking,
-                              fold_parts, keep_ranking)
+from smids_ml.ranking import (DEFAULT_RANKING_FOLDS, MIN_VALID_CROPS, RANKING_ATTR, RANKINGS, SPLIT, Ranking,
+                              choose_ranking, fold_parts, keep_ranking)
 from smids_ml.rungs import DEFAULT_ETA, DEFAULT_RUNGS, rung_epochs
 from smids_ml.search import Search, echo_trial, log_study, run_grid
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
@@ -167,18 +167,19 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             # with no finalists the best trial is refit as one model; trials ranked by folds have no weights of their
             # own to register, so theirs is refit in any case
             if refits or parts:
-                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote)
+                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote, ranked)
             else:
                 version = promote_best(study, search, register_as, alias, promote) if register_as else None
     return study, version
 
 
 def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit: str, register_as: str | None,
-             alias: str | None, promote: bool):
+             alias: str | None, promote: bool, ranking: Ranking = SPLIT):
     """Under the study lock, once no trial runs: cross-validate the finalists (once per number of completed
     trials, so a resumed study with more trials is scored again, and other workers do not repeat it), log
     finalists.csv and the verdict on the parent run, refit the winner and register it as @challenger. With
-    `count` 0 (a budget spent), the best trial by validation is refit without cross-validation."""
+    `count` 0 (a budget spent), the best trial by validation is refit without cross-validation. `ranking`, how the
+    trials were ranked, is recorded on the registered version."""
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     if running:
         click.echo(f"study {study.study_name}: {running} trial(s) still running; the worker that finishes last "
@@ -204,13 +205,13 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
     else:  # no time to cross-validate, or trials ranked by folds with --finalists 0: the best, refit on the training part
         outcome, winner, refit = None, best_trial(study), "model"
         score, evidence = f"best_{monitor}", {f"best_{monitor}": round(float(winner.value), 6)}
-    version, ranking = None, f"{len(search.folds)}-fold" if search.folds else "split"
+    version = None
     if register_as:
         uri, run_id = final.refit(winner, search, outcome, refit)
         version = register_challenger(uri, register_as, alias, promote, score=score, tags={
             "study": study.study_name, "trial": winner.number, "run_id": run_id, "refit": refit,
             final.REFIT_OF: winner.user_attrs.get(RUN_ID_ATTR, ""), "monitor": monitor,
-            "data_fingerprint": search.dataset.fingerprint(), "ranking": ranking, **evidence})
+            "data_fingerprint": search.dataset.fingerprint(), "ranking": ranking.name, **evidence})
     study.set_user_attr(final.SCORED_ATTR, done)
     return version
 
