@@ -65,7 +65,7 @@ def test_the_architecture_page_draws_the_contracts_layers():
 
 
 def test_the_architecture_pages_imports_table_is_the_codes():
-    graph = grimp.build_graph("smids_ml")
+    graph = grimp.build_graph("smids_ml", cache_dir=None)
     left_out = {"smids_ml", "smids_ml.config", "smids_ml.console"}
     imports = {module.removeprefix("smids_ml."): {m.removeprefix("smids_ml.")
                                                   for m in graph.find_modules_directly_imported_by(module) - left_out}
