@@ -3,6 +3,9 @@
 `TrainConfig` is read by the `train` CLI (its options are generated from the fields), by the
 tuning search spaces (which override fields by name) and by the MLproject (whose `train`
 parameters are these field names; a test checks they agree).
+
+Data only: it imports nothing of the package but `SmidsError`, so it loads neither torch nor MLflow; the checks
+that need them or a model (the device, an --init-from source) are `transfer.checked_config`'s.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Offline lab machines have no ImageNet weights, and those are far from stained sp
 weights a lab has are its own earlier models in the registry. The source's network keeps its weights
 except the classifier, which is built anew for this data's classes. Its architecture and channels must
 match (they shape the weights); the input size may differ (every network here pools or is re-headed).
+
+`checked_config` is where `train`, `cv` and `tune` turn their flags into a config: the source loaded, the fields
+it fixes followed, and the device checked, all before any run; `config` itself stays data.
 """
 
 from __future__ import annotations
