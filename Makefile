@@ -1,5 +1,5 @@
 # make demo  — set up and run the demo job on synthetic data (local SQLite tracking store)
-# make test  — set up and run the test suite (what .ci/run calls)
+# make test  — set up, check the import contract (lint-imports) and run the test suite (what .ci/run calls)
 # make server — a tracking server on 127.0.0.1:5000 (ARGS='--backend-store-uri postgresql://…' for a team)
 # make bench — run the speed benchmarks (prints tables)
 # make docs  — serve the documentation site on http://127.0.0.1:8000 (mkdocs serve; edits reload)
@@ -57,6 +57,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup system
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -q
 
 docs: setup

@@ -39,10 +39,10 @@ from smids_ml.adapt import adapt
 from smids_ml.config import PRESETS, TrainConfig
 from smids_ml.compute import training_flops
 from smids_ml.cv import cross_validate, fold_dataset, fold_probabilities
-from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, load_tensors, make_batches, prepare_data
 from smids_ml.engine import classification_metrics, predict_proba, resolve_device
 from smids_ml.evaluate import predictions_frame
-from smids_ml.train import prepare_data, train
+from smids_ml.train import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smids-dev"
 EXPERIMENT = "smids-ml-bench-accuracy"

@@ -26,6 +26,7 @@ import torch
 
 from smids_ml import SmidsError
 from smids_ml.adapt import adapt
+from smids_ml.compute import training_flops
 from smids_ml.config import TrainConfig
 from smids_ml.data import Dataset, load_tensors, make_batches
 from smids_ml.engine import make_optimizer, predict_proba, resolve_device, resolve_precision, train_one_epoch
@@ -117,8 +118,6 @@ def costliest(cfg: TrainConfig, space: dict) -> tuple[TrainConfig, str]:
     """The point of `space` (around `cfg`) whose training costs most, and a few words naming it: the largest value
     the space can draw of each of COST_NUMBERS, and of COST_CHOICES the combination with the most counted FLOPs
     (`compute.training_flops`); the other searched fields keep cfg's value (they barely move the minutes)."""
-    from smids_ml.compute import training_flops
-
     cfg = configure(cfg, space["fixed"])
     params = space["params"]
     largest = {name: max(spec) if isinstance(spec, list) else spec["high"]

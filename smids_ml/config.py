@@ -3,6 +3,9 @@
 `TrainConfig` is read by the `train` CLI (its options are generated from the fields), by the
 tuning search spaces (which override fields by name) and by the MLproject (whose `train`
 parameters are these field names; a test checks they agree).
+
+Data only: it imports nothing of the package but `SmidsError`, so it loads neither torch nor MLflow; the checks
+that need them or a model (the device, an --init-from source) are `transfer.checked_config`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
@@ -287,13 +290,13 @@ class TrainConfig:
         return [c.strip() for c in self.classes.split(",") if c.strip()] if self.classes else None
 
 
-def config_options(defaults: dict[str, Any] | None = None):
+def config_options(defaults: dict[str, Any] | None = None, only: tuple[str, ...] | None = None):
     """A decorator adding one click option per TrainConfig field (booleans as `--x [BOOL]` and `--no-x`);
     `defaults` are the command's own defaults where they differ from TrainConfig's (pass them to
-    `config_from_options` too)."""
+    `config_from_options` too); `only` names the fields of a command that takes a few (`pretrain`)."""
 
     def decorate(command):
-        for f in reversed([f for f in fields(TrainConfig) if f.metadata["cli"]]):
+        for f in reversed([f for f in fields(TrainConfig) if f.metadata["cli"] and (only is None or f.name in only)]):
             default = (defaults or {}).get(f.name, f.default)
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata["help"]
@@ -314,12 +317,15 @@ def config_options(defaults: dict[str, Any] | None = None):
     return decorate
 
 
-def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None) -> TrainConfig:
+def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None,
+                        follow: Callable[[str], dict[str, Any]] | None = None) -> TrainConfig:
     """Build a validated TrainConfig from the keyword arguments click passed; pops what it uses.
 
     With --preset, a flag overrides the preset when it was given on the command line; under
     `mlflow run`, which passes every parameter, when it also differs from the default.
     `defaults` (the command's own, as given to `config_options`) apply under the preset's values.
+    `follow` gives the fields an --init-from source fixes (`transfer.followed_fields`, which loads the model):
+    they apply over the preset and the defaults, under the flags given.
     """
     context = click.get_current_context(silent=True)
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
@@ -339,15 +345,5 @@ def config_from_options(options: dict[str, Any], defaults: dict[str, Any] | None
             values[f.name] = value
     preset = values.pop("preset", "default")
     own = {k: v for k, v in (defaults or {}).items() if k not in PRESETS.get(preset, {})}
-    followed = {}
-    if values.get("init_from"):  # the source network's architecture and input, under the flags given
-        from smids_ml.transfer import followed_fields  # loads a model: torch and MLflow only when asked
-        followed = followed_fields(values["init_from"])
-    cfg = TrainConfig.from_preset(preset, **{**own, **followed, **values}).validate()
-    from smids_ml.engine import resolve_device  # torch: checked here, with the flags, so no run is created first
-
-    resolve_device(cfg.device)
-    if cfg.init_from:
-        from smids_ml.transfer import check_source
-        check_source(cfg)
-    return cfg
+    followed = follow(values["init_from"]) if follow and values.get("init_from") else {}
+    return TrainConfig.from_preset(preset, **{**own, **followed, **values}).validate()

@@ -11,6 +11,8 @@ from typing import Iterable, TypeVar
 
 import click
 
+from smids_ml import SmidsError
+
 T = TypeVar("T")
 
 
@@ -47,8 +49,6 @@ def steps(label: str, length: int):
 def usage_error(exc: click.UsageError, ctx: click.Context) -> click.ClickException:
     """A usage error (unknown choice, bad type, out-of-range number, missing argument, unknown command) as every
     other refusal is: one `Error: ...` line and exit 1, not click's usage block and exit 2."""
-    from smids_ml import SmidsError
-
     return SmidsError(f"{' '.join(exc.format_message().split()).rstrip('.')} (see '{ctx.command_path} --help')")
 
 
@@ -95,7 +95,6 @@ def stops_cleanly(what: str):
             try:
                 return command(*args, **kwargs)
             except KeyboardInterrupt:
-                from smids_ml import SmidsError
                 raise SmidsError(f"interrupted: {what}") from None
             finally:
                 for signum, handler in previous.items():

@@ -22,12 +22,13 @@ import pandas as pd
 
 from smids_ml import SmidsError, tracking
 from smids_ml.adapt import adapt
-from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.config import TrainConfig, config_options
 from smids_ml.console import Command, stops_cleanly
-from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, carve_valid, load_tensors, make_batches
+from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, carve_valid, load_tensors, make_batches, prepare_data
 from smids_ml.engine import predict_proba, resolve_device, resolve_precision
 from smids_ml.evaluate import HEADLINE, log_evaluation
-from smids_ml.train import prepare_data, run_training, use_experiment
+from smids_ml.train import run_training
+from smids_ml.transfer import checked_config
 
 DEFAULT_EXPERIMENT = "smids-ml-cv"
 
@@ -79,7 +80,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     fold = assign_folds(dataset.manifest, folds, cfg.seed)
     # decided once for every fold, from the images a fold model trains on
     cfg = adapt(cfg, dataset, round(len(dataset.manifest) * (folds - 1) / folds * (1 - cfg.valid_frac)))
-    use_experiment(experiment)
+    tracking.use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tracking.process_tags(), nested=nested) as parent:
         tracking.log_new_params({**tracking.config_params(cfg),
                            "folds": folds, "n_images": len(dataset.manifest), **tracking.data_params(dataset)})
@@ -130,7 +131,7 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
 @stops_cleanly("the cross-validation run and its running fold are marked FAILED")
 def main(folds, experiment, run_name, register_as, alias, **options):
     """Stratified k-fold cross-validation: train and test one model per fold, report mean ± std."""
-    cfg = config_from_options(options)
+    cfg = checked_config(options)
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
     result = cross_validate(cfg, folds, experiment, run_name, register_as or None, alias or None)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from smids_ml import SmidsError
+from smids_ml.config import TrainConfig
 from smids_ml.console import progress
 
 SMIDS_CLASSES = ("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm")
@@ -538,6 +539,26 @@ def build_dataset(root, classes=None, valid_frac=0.15, test_frac=0.15, seed=42, 
     names = list(classes and [c if labels else canonical_class(c) for c in classes] or found)
     return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), names, report,
                    Path(labels) if labels else None, label_column if labels else None)
+
+
+def prepare_data(cfg: TrainConfig) -> Dataset:
+    """The checked, split data set: from --split-manifest when given (verified), else split anew."""
+    if len(cfg.label_columns) > 1:
+        raise SmidsError(f"--label-column {cfg.label_column}: several label columns train one model each with `train`; "
+                         "this command takes one")
+    if cfg.split_manifest:
+        needed = SPLITS if cfg.valid_frac > 0 else ("train", "test")
+        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, needed, cfg.labels, cfg.label_column)
+    else:
+        dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict,
+                                cfg.labels, cfg.label_column, cfg.split_column)
+        for line in dataset.report.lines():
+            click.echo(line, err=True)
+    if len(dataset.classes) < 2:
+        where = f"column {cfg.label_column!r} of {cfg.labels}" if cfg.labels else str(dataset.root)
+        raise SmidsError(f"{where} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
+                         f"a classifier needs at least two {'classes' if cfg.labels else 'class folders'}")
+    return dataset
 
 
 def write_manifest(dataset: Dataset, path: str | os.PathLike) -> Path:

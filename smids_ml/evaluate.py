@@ -31,7 +31,7 @@ from smids_ml.console import Command
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, check, load_manifest, load_tensors, open_image, scan
 from smids_ml.explain import explain, side_by_side
 from smids_ml.serving import load_classifier, one_line
-from smids_ml.train import use_experiment
+from smids_ml.tracking import ModelSource, resolve_model, use_experiment
 
 DEFAULT_EXPERIMENT = "smids-ml-evaluation"
 SPLITS = ("test", "valid", "train", "all")
@@ -162,39 +162,6 @@ def log_evaluation(frame: pd.DataFrame, root: Path, classes: list[str], probs: n
 
 
 # --------------------------------------------------------------------------- the model and its data
-
-
-@dataclass
-class ModelSource:
-    """A model URI resolved to the run that trained it (None when MLflow cannot tell) and its registry entry."""
-
-    uri: str
-    run_id: str | None
-    canonical: str  # what evaluations are tagged with: an alias resolves to its version
-    name: str | None = None
-    version: str | None = None
-
-
-def resolve_model(uri: str) -> ModelSource:
-    """Find the training run behind a models:/ (version, alias or model id) or runs:/ URI."""
-    client = MlflowClient()
-    try:
-        if uri.startswith("runs:/"):
-            run_id = uri.removeprefix("runs:/").split("/")[0]
-            return ModelSource(uri, client.get_run(run_id).info.run_id, uri)
-        if uri.startswith("models:/"):
-            ref = uri.removeprefix("models:/")
-            if "@" in ref:
-                version = client.get_model_version_by_alias(*ref.split("@", 1))
-            elif "/" in ref:
-                version = client.get_model_version(*ref.split("/", 1))
-            else:  # a logged model id, models:/m-...
-                return ModelSource(uri, mlflow.get_logged_model(ref).source_run_id, uri)
-            return ModelSource(uri, version.run_id, f"models:/{version.name}/{version.version}",
-                               version.name, str(version.version))
-    except MlflowException as exc:
-        raise SmidsError(f"unknown model {uri}: {one_line(exc)}") from None
-    return ModelSource(uri, None, uri)  # a path or artifact URI: loadable, but its training run is unknown
 
 
 def evaluation_data(source: ModelSource, data: str | None, split_manifest: str | None, workdir: str,

@@ -17,7 +17,6 @@ from smids_ml.adapt import adapt
 from smids_ml.config import TrainConfig
 from smids_ml.console import Command
 from smids_ml.data import CheckReport, Dataset, check, open_image, scan
-from smids_ml.train import use_experiment
 
 
 def resolution_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -84,7 +83,7 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore", lab
     defaults = TrainConfig()
     adapted = adapt(defaults, Dataset(class_root, report.frame.assign(split="train"), list(counts["label"])),
                     round(len(report.frame) * (1 - defaults.test_frac))).adapted if len(report.frame) else ""
-    use_experiment(experiment)
+    tracking.use_experiment(experiment)
     with mlflow.start_run(run_name="explore") as run:
         tracking.log_new_params({"data_root": str(class_root), "class_names": ",".join(counts["label"]),
                                  "defaults_adapted": adapted,

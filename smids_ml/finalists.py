@@ -25,7 +25,7 @@ from smids_ml.cv import cross_validate
 from smids_ml.data import Dataset
 from smids_ml.search import Search
 from smids_ml.studies import DEFAULTS_ATTR, RUN_ID_ATTR, ranked_trials
-from smids_ml.train import log_split_and_config, run_training
+from smids_ml.train import run_training
 
 REFIT_OF = "smids_ml.refit_of"  # tag of the refit run: the run id of the trial it refits
 SCORED_ATTR = "finalists_scored"  # study attr: how many trials had completed when the finalists were scored
@@ -112,7 +112,7 @@ def refit(winner: optuna.trial.FrozenTrial, search: Search, outcome: Outcome | N
         mlflow.log_param("refit", how)
         if how == "ensemble":
             mlflow.log_param("members", len(outcome.fold_networks))
-            log_split_and_config(whole, cfg)
+            tracking.log_split_and_config(whole, cfg)
             uri = tracking.log_model([(n, cfg) for n in outcome.fold_networks], whole).model_uri
         else:
             uri = run_training(cfg.replace(valid_frac=0.0), whole, log_model=True).model_uri

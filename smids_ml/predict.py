@@ -169,7 +169,7 @@ def per_label(models: list, inputs: Iterable[str], batch: int = 64, every: int =
 def write_overlays(model, table: pd.DataFrame, folder: Path, batch: int = 32) -> int:
     """One PNG per image file that was read (video frames are not explained): the crop at its own size with the
     Grad-CAM map of its predicted class over it, named after the file (`-2`, `-3`... when names repeat)."""
-    from smids_ml.explain import explain  # only this option needs it
+    from smids_ml.explain import explain  # matplotlib: only --explain needs it
 
     rows = table[table["error"].isna() & table["frame"].isna()]
     try:

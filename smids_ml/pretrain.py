@@ -28,20 +28,22 @@ from smids_ml import SmidsError
 from smids_ml import tracking
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
-from smids_ml.config import MODELS, TrainConfig
+from smids_ml.config import TrainConfig, config_from_options, config_options
 from smids_ml.console import Command, steps, stop_if_signalled, stops_cleanly
 from smids_ml.data import Dataset, augment_batch, check, data_folder, files_under, load_tensors, printable
 from smids_ml.engine import (_autocast, _to_device, check_finite, make_optimizer, make_scheduler, resolve_device,
                              resolve_precision, seed_everything)
 from smids_ml.models import build_for, classifier_name, count_parameters, unwrap
-from smids_ml.train import log_split_and_config, use_experiment
 
 DEFAULT_EXPERIMENT = "smids-ml-pretrain"
 METHOD = "simclr"
 PRETRAINED_TAG = "smids_ml.pretrained"
 PLACEHOLDER = "unlabelled"  # the logged model's one class: a classifier head is what --init-from replaces
 PROJECTION = 128  # SimCLR's projection size
-STEMS = TrainConfig.__dataclass_fields__["stem"].metadata["choices"]
+# train's flags that pretraining takes, with its own defaults where they differ; --epochs is its own (half of train's)
+PRETRAIN_FIELDS = ("model", "width", "stem", "channels", "image_size", "resize", "batch", "lr", "augment_strength",
+                   "seed", "num_threads", "device")
+PRETRAIN_DEFAULTS = {"batch": 128, "lr": 1e-3, "augment_strength": 2.0, "class_weights": "none"}
 
 
 def unlabelled_dataset(folder: str) -> Dataset:
@@ -189,14 +191,14 @@ def pretrain(folder: str, cfg: TrainConfig, temperature: float = 0.2, experiment
     resolve_device(cfg.device)
     dataset = unlabelled_dataset(folder)
     cfg = pretrain_epochs(cfg, dataset)
-    use_experiment(experiment)
+    tracking.use_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tag(PRETRAINED_TAG, METHOD)
         network, epochs = run_pretraining(cfg, dataset, temperature)
         frame = pd.DataFrame(epochs)
         frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
         tracking.log_frame(frame, "history.csv")
-        log_split_and_config(dataset, cfg)
+        tracking.log_split_and_config(dataset, cfg)
         model_uri = tracking.log_model([(network, cfg)], dataset, pretrained=METHOD).model_uri
         version = None
         if register_as:
@@ -208,39 +210,20 @@ def pretrain(folder: str, cfg: TrainConfig, temperature: float = 0.2, experiment
 
 @click.command("pretrain", cls=Command)
 @click.argument("folder", type=click.Path(path_type=str))
-@click.option("--model", type=click.Choice(MODELS), default=TrainConfig.model, show_default=True,
-              help="Network architecture (as train's --model).")
-@click.option("--width", type=int, default=TrainConfig.width, show_default=True, help="smids_resnet's first width.")
-@click.option("--stem", type=click.Choice(STEMS), default=TrainConfig.stem,
-              show_default=True, help="smids_resnet's stem (as train's --stem).")
-@click.option("--channels", type=click.Choice(["0", "1", "3"]), default="0", show_default=True,
-              help="3 colour, 1 grey; 0: from the data (1 when every sampled crop is grey).")
-@click.option("--image-size", type=int, default=0, show_default=True,
-              help="Network input side in px; 0: the crops' median side rounded to 8 px, 32-96.")
-@click.option("--resize", type=click.Choice(["pad", "stretch"]), default="pad", show_default=True,
-              help="pad keeps the aspect ratio; stretch distorts it.")
+@config_options(PRETRAIN_DEFAULTS, only=PRETRAIN_FIELDS)
 @click.option("--epochs", type=int, default=0, show_default=True,
               help="0: half of what train would choose for this many crops (two views a crop: the compute of one "
                    "supervised training).")
-@click.option("--batch", type=int, default=128, show_default=True,
-              help="Crops a batch (twice as many views); each crop is contrasted with the batch's other crops.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate (one-cycle schedule).")
 @click.option("--temperature", type=float, default=0.2, show_default=True, help="NT-Xent softmax temperature.")
-@click.option("--augment-strength", type=float, default=2.0, show_default=True,
-              help="Scales the scale/shift and photometric augmentation of each view (train's default is 1).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="MLflow run name.")
 @click.option("--register-as", default=None, help="Register the pretrained network under this name.")
 @click.option("--alias", default=None, help="Alias to point at the registered version.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
-@click.option("--num-threads", type=int, default=0, show_default=True, help="Torch CPU threads (0: torch's default).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
-              help="Where to train.")
 @stops_cleanly("the run is marked FAILED")
-def main(folder, temperature, experiment, run_name, register_as, alias, channels, **options):
+def main(folder, temperature, experiment, run_name, register_as, alias, **options):
     """Pretrain a network without labels (SimCLR) on every image under FOLDER; start a classifier from it with
     `train --init-from runs:/RUN/model` (or models:/NAME@ALIAS with --register-as)."""
-    cfg = TrainConfig(data=str(Path(folder)), channels=int(channels), class_weights="none", **options)
+    cfg = config_from_options(options, PRETRAIN_DEFAULTS).replace(data=str(Path(folder)))
     result = pretrain(folder, cfg, temperature, experiment, run_name, register_as or None, alias or None)
     click.echo(f"run {result['run_id']}: pretrained {cfg.model} for {len(result['epochs'])} epochs, last pretrain_loss "
                f"{result['epochs'][-1]['pretrain_loss']:.4f}; start training from it with "

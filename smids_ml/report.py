@@ -36,11 +36,11 @@ from scipy.optimize import nnls
 from smids_ml import SmidsError, plots
 from smids_ml.console import Command
 from smids_ml.data import IMAGE_EXTENSIONS, files_under, open_image, printable
-from smids_ml.evaluate import ModelSource, latest_evaluation, resolve_model
+from smids_ml.evaluate import latest_evaluation
 from smids_ml.explain import explain
 from smids_ml.predict import predict_inputs
 from smids_ml.serving import load_classifier, one_line
-from smids_ml.train import use_experiment
+from smids_ml.tracking import ModelSource, resolve_model, use_experiment
 
 DEFAULT_EXPERIMENT = "smids-ml-report"
 REPORT_FILES = ("report.json", "predictions.csv", "report.html")

@@ -28,6 +28,7 @@ import click
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from smids_ml import SmidsError
 from smids_ml.console import Command
 
 CLASSES = ("Abnormal_Sperm", "Non-Sperm", "Normal_Sperm")
@@ -363,8 +364,7 @@ def data_or_synthetic(root, per_class: int = 100, seed: int = 0) -> tuple[pathli
 
     Returns (data root, whether it is synthetic), so notebooks and demos can say so plainly.
     """
-    from smids_ml import SmidsError
-    from smids_ml.data import find_class_root
+    from smids_ml.data import find_class_root  # loads torch, which the synth command itself never needs
 
     root = pathlib.Path(root).resolve()
     try:

@@ -16,12 +16,14 @@ import subprocess
 import tempfile
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import smids_ml
@@ -29,6 +31,7 @@ from smids_ml import SmidsError
 from smids_ml.config import TrainConfig
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, open_image
 from smids_ml.plots import close
+from smids_ml.serving import SmidsClassifier, one_line
 
 PACKAGE_DIR = Path(smids_ml.__file__).parent
 LIBRARIES = ("torch", "torchvision", "mlflow", "optuna", "pillow", "pandas", "numpy", "scikit-learn")
@@ -94,6 +97,24 @@ def mark_experiment(experiment) -> None:
     experiment on its GenAI overview (traces, token usage) instead of its runs."""
     if EXPERIMENT_KIND not in experiment.tags:
         MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+
+
+def use_experiment(name: str | None) -> None:
+    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment), and mark
+    it as model training (`mark_experiment`). A tracking server that does not answer is one line naming it
+    (MLflow would retry for minutes)."""
+    check_server()
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        mark_experiment(mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id))
+    elif name:
+        try:
+            experiment = mlflow.set_experiment(name)
+        except MlflowException as exc:  # another worker created it between our look-up and our create
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = mlflow.set_experiment(name)
+        mark_experiment(experiment)
 
 
 def log_dataset(dataset: Dataset, context: str) -> None:
@@ -184,6 +205,12 @@ def log_frame(frame: pd.DataFrame, path: str) -> None:
         mlflow.log_artifact(str(file), str(Path(path).parent) if Path(path).parent != Path(".") else None)
 
 
+def log_split_and_config(dataset: Dataset, cfg: TrainConfig) -> None:
+    """manifest.csv (what `evaluate` scores and leaves out) and config.json on the active run."""
+    log_frame(dataset.manifest[MANIFEST_COLUMNS], "manifest.csv")
+    mlflow.log_text(cfg.to_json(), "config.json")
+
+
 def model_meta(configs: list[TrainConfig], classes: list[str], pretrained: str | None = None) -> dict:
     """What the pyfunc needs besides weights: the classes and each member's config; for a network pretrained
     without labels (`smids-ml pretrain`), the method, so that nothing serves its placeholder classifier."""
@@ -199,8 +226,6 @@ def log_model(members: list[tuple[torch.nn.Module, TrainConfig]], dataset: Datas
     in input size and channels (each is served its own preprocessing) but must share the resize mode, so that
     their activation maps lie over the same crop geometry.
     """
-    from smids_ml.serving import SmidsClassifier
-
     configs = [cfg for _, cfg in members]
     modes = sorted({cfg.resize for cfg in configs})
     if len(modes) != 1:
@@ -266,3 +291,36 @@ def register(model_uri: str, name: str, alias: str | None = None, tags: dict | N
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version.version)
     return version
+
+
+@dataclass
+class ModelSource:
+    """A model URI resolved to the run that trained it (None when MLflow cannot tell) and its registry entry."""
+
+    uri: str
+    run_id: str | None
+    canonical: str  # what evaluations are tagged with: an alias resolves to its version
+    name: str | None = None
+    version: str | None = None
+
+
+def resolve_model(uri: str) -> ModelSource:
+    """Find the training run behind a models:/ (version, alias or model id) or runs:/ URI."""
+    client = MlflowClient()
+    try:
+        if uri.startswith("runs:/"):
+            run_id = uri.removeprefix("runs:/").split("/")[0]
+            return ModelSource(uri, client.get_run(run_id).info.run_id, uri)
+        if uri.startswith("models:/"):
+            ref = uri.removeprefix("models:/")
+            if "@" in ref:
+                version = client.get_model_version_by_alias(*ref.split("@", 1))
+            elif "/" in ref:
+                version = client.get_model_version(*ref.split("/", 1))
+            else:  # a logged model id, models:/m-...
+                return ModelSource(uri, mlflow.get_logged_model(ref).source_run_id, uri)
+            return ModelSource(uri, version.run_id, f"models:/{version.name}/{version.version}",
+                               version.name, str(version.version))
+    except MlflowException as exc:
+        raise SmidsError(f"unknown model {uri}: {one_line(exc)}") from None
+    return ModelSource(uri, None, uri)  # a path or artifact URI: loadable, but its training run is unknown

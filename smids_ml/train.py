@@ -12,12 +12,10 @@ makes the members different networks (K seeds of each): they disagree more than 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import click
 import mlflow
-from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
 import torch
@@ -26,9 +24,9 @@ from smids_ml import SmidsError
 from smids_ml import plots, tracking, transfer
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
-from smids_ml.config import MODELS, TrainConfig, config_from_options, config_options
+from smids_ml.config import MODELS, TrainConfig, config_options
 from smids_ml.console import Command, steps, stop_if_signalled, stops_cleanly
-from smids_ml.data import MANIFEST_COLUMNS, SPLITS, Dataset, build_dataset, load_manifest, load_tensors, make_batches
+from smids_ml.data import Dataset, load_tensors, make_batches, prepare_data
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build_for, count_parameters
 
@@ -48,44 +46,6 @@ class TrainResult:
 
     def __post_init__(self):
         self.networks = self.networks or [self.network]
-
-
-def prepare_data(cfg: TrainConfig) -> Dataset:
-    """The checked, split data set: from --split-manifest when given (verified), else split anew."""
-    if len(cfg.label_columns) > 1:
-        raise SmidsError(f"--label-column {cfg.label_column}: several label columns train one model each with `train`; "
-                         "this command takes one")
-    if cfg.split_manifest:
-        needed = SPLITS if cfg.valid_frac > 0 else ("train", "test")
-        dataset = load_manifest(cfg.split_manifest, cfg.data, cfg.class_list, needed, cfg.labels, cfg.label_column)
-    else:
-        dataset = build_dataset(cfg.data, cfg.class_list, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.strict,
-                                cfg.labels, cfg.label_column, cfg.split_column)
-        for line in dataset.report.lines():
-            click.echo(line, err=True)
-    if len(dataset.classes) < 2:
-        where = f"column {cfg.label_column!r} of {cfg.labels}" if cfg.labels else str(dataset.root)
-        raise SmidsError(f"{where} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
-                         f"a classifier needs at least two {'classes' if cfg.labels else 'class folders'}")
-    return dataset
-
-
-def use_experiment(name: str | None) -> None:
-    """Select the experiment, unless `mlflow run` already created our run (it chose the experiment), and mark
-    it as model training (`tracking.mark_experiment`). A tracking server that does not answer is one line naming
-    it (MLflow would retry for minutes)."""
-    tracking.check_server()
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        tracking.mark_experiment(mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id))
-    elif name:
-        try:
-            experiment = mlflow.set_experiment(name)
-        except MlflowException as exc:  # another worker created it between our look-up and our create
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            experiment = mlflow.set_experiment(name)
-        tracking.mark_experiment(experiment)
 
 
 def run_training(cfg: TrainConfig, dataset: Dataset, callbacks=(), log_model: bool = True) -> TrainResult:
@@ -135,13 +95,7 @@ def log_outcome(history: History, network, valid_batches, dataset: Dataset, cfg:
         tracking.log_figure(plots.confusion_matrix(targets, probs.argmax(1), dataset.classes,
                                                    title="Validation confusion matrix (best epoch)"),
                             "plots/valid_confusion_matrix.png")
-    log_split_and_config(dataset, cfg)
-
-
-def log_split_and_config(dataset: Dataset, cfg: TrainConfig) -> None:
-    """manifest.csv (what `evaluate` scores and leaves out) and config.json on the active run."""
-    tracking.log_frame(dataset.manifest[MANIFEST_COLUMNS], "manifest.csv")
-    mlflow.log_text(cfg.to_json(), "config.json")
+    tracking.log_split_and_config(dataset, cfg)
 
 
 def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_name: str | None = None,
@@ -156,7 +110,7 @@ def train(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMENT, run_nam
     configs = member_configs(cfg, members, member_models, member_recipes)
     dataset = dataset or prepare_data(cfg)
     configs = [adapt(c, dataset) for c in configs]
-    use_experiment(experiment)
+    tracking.use_experiment(experiment)
     members = len(configs)
     with mlflow.start_run(run_name=run_name, nested=nested):
         if members == 1:
@@ -180,7 +134,7 @@ def train_per_label(cfg: TrainConfig, experiment: str | None = DEFAULT_EXPERIMEN
     column is read and checked before any run starts. `options` go to `train` (members)."""
     configs = {column: cfg.replace(label_column=column) for column in cfg.label_columns}
     datasets = {column: prepare_data(config) for column, config in configs.items()}
-    use_experiment(experiment)
+    tracking.use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tracking.process_tags()):
         tracking.log_new_params(tracking.config_params(cfg))
         for dataset in datasets.values():
@@ -234,7 +188,7 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
     tracking.log_run_context(cfg, dataset, count_parameters(first.network))
     tracking.log_new_params({"members": len(configs), "member_models": ",".join(dict.fromkeys(c.model for c in configs)),
                              **({"member_recipes": ",".join(recipes)} if recipes else {})})
-    log_split_and_config(dataset, cfg)
+    tracking.log_split_and_config(dataset, cfg)
     model_uri = tracking.log_model([(r.network, member) for r, member in zip(results, configs)], dataset).model_uri
     return TrainResult(run.info.run_id, first.history, first.network, dataset, cfg, model_uri,
                        networks=[r.network for r in results])
@@ -262,7 +216,7 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
 def main(experiment, run_name, register_as, alias, members, member_models, member_recipes, **options):
     """Train one model (or an ensemble of --members; or one per --label-column) on a folder of class folders or a
     labels table, and log everything to MLflow."""
-    cfg = config_from_options(options)
+    cfg = transfer.checked_config(options)
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
     models = [m.strip() for m in member_models.split(",") if m.strip()]

@@ -4,6 +4,9 @@ Offline lab machines have no ImageNet weights, and those are far from stained sp
 weights a lab has are its own earlier models in the registry. The source's network keeps its weights
 except the classifier, which is built anew for this data's classes. Its architecture and channels must
 match (they shape the weights); the input size may differ (every network here pools or is re-headed).
+
+`checked_config` is where `train`, `cv` and `tune` turn their flags into a config: the source loaded, the fields
+it fixes followed, and the device checked, all before any run; `config` itself stays data.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import mlflow
 import torch
 
 from smids_ml import SmidsError
-from smids_ml.config import TrainConfig
+from smids_ml.config import TrainConfig, config_from_options
+from smids_ml.engine import resolve_device
 from smids_ml.models import classifier_name, unwrap
+from smids_ml.serving import load_classifier
+from smids_ml.tracking import resolve_model
 
 FOLLOWED = ("model", "width", "stem", "channels", "image_size", "resize")  # taken from the source unless given
 MUST_MATCH = ("model", "width", "stem", "channels")  # the shapes of the backbone's weights
@@ -24,13 +30,21 @@ MUST_MATCH = ("model", "width", "stem", "channels")  # the shapes of the backbon
 @functools.cache
 def source(uri: str):
     """The source's config, its network and the run that trained it; one line when it is no single smids-ml model."""
-    from smids_ml.evaluate import resolve_model
-    from smids_ml.serving import load_classifier
-
     model = load_classifier(uri, pretrained_ok=True)
     if len(model.networks) != 1:
         raise SmidsError(f"--init-from {uri} is an ensemble of {len(model.networks)} networks; start from one model")
     return model.members[0], model.networks[0], resolve_model(uri)
+
+
+def checked_config(options: dict, defaults: dict | None = None) -> TrainConfig:
+    """A training command's config from its flags (`config.config_from_options`), with what needs torch or a model
+    settled before any run exists: the fields the --init-from source fixes (under the flags given), whether its
+    weights fit that network, and whether the device is there."""
+    cfg = config_from_options(options, defaults, follow=followed_fields)
+    resolve_device(cfg.device)
+    if cfg.init_from:
+        check_source(cfg)
+    return cfg
 
 
 def followed_fields(uri: str) -> dict:

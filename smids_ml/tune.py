@@ -29,19 +29,20 @@ from smids_ml import SmidsError, tracking
 from smids_ml import finalists as final
 from smids_ml.adapt import adapt
 from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
-from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.config import TrainConfig, config_options
 from smids_ml.console import Command, stops_cleanly
+from smids_ml.data import prepare_data
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
-from smids_ml.ranking import (DEFAULT_RANKING_FOLDS, MIN_VALID_CROPS, RANKING_ATTR, RANKINGS, choose_ranking,
-                              fold_parts, keep_ranking)
+from smids_ml.ranking import (DEFAULT_RANKING_FOLDS, MIN_VALID_CROPS, RANKING_ATTR, RANKINGS, SPLIT, Ranking,
+                              choose_ranking, fold_parts, keep_ranking)
 from smids_ml.rungs import DEFAULT_ETA, DEFAULT_RUNGS, rung_epochs
 from smids_ml.search import Search, echo_trial, log_study, run_grid
 from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
 from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, RUN_ID_ATTR, best_trial, check_same_space, default_storage,
                               enqueue_defaults, fail_stale_trials, make_pruner, make_sampler, open_storage,
                               ranked_trials, retry_failed, run_exists, study_lock)
-from smids_ml.train import DEFAULT_EXPERIMENT, prepare_data, use_experiment
-from smids_ml.transfer import MUST_MATCH
+from smids_ml.train import DEFAULT_EXPERIMENT
+from smids_ml.transfer import MUST_MATCH, checked_config
 
 DEFAULT_TPE_TRIALS = 20
 # Trials are ranked, pruned and early-stopped on validation, so tune carves one even where train's default does not.
@@ -132,7 +133,7 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             home_name = MlflowClient().get_experiment(home).name
             raise SmidsError(f"study {study_name} is tracked in experiment {home_name!r} "
                              f"(its parent run {resume}); run it with --experiment {home_name!r}")
-        use_experiment(experiment)
+        tracking.use_experiment(experiment)
         active = mlflow.start_run(run_id=resume, run_name=None if resume else f"study-{study_name}",
                                   tags={"optuna.study": study_name, "optuna.sampler": sampler})
         if not resume:
@@ -166,18 +167,19 @@ def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_tria
             # with no finalists the best trial is refit as one model; trials ranked by folds have no weights of their
             # own to register, so theirs is refit in any case
             if refits or parts:
-                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote)
+                version = finalize(study, search, finalists, folds, refit, register_as, alias, promote, ranked)
             else:
                 version = promote_best(study, search, register_as, alias, promote) if register_as else None
     return study, version
 
 
 def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit: str, register_as: str | None,
-             alias: str | None, promote: bool):
+             alias: str | None, promote: bool, ranking: Ranking = SPLIT):
     """Under the study lock, once no trial runs: cross-validate the finalists (once per number of completed
     trials, so a resumed study with more trials is scored again, and other workers do not repeat it), log
     finalists.csv and the verdict on the parent run, refit the winner and register it as @challenger. With
-    `count` 0 (a budget spent), the best trial by validation is refit without cross-validation."""
+    `count` 0 (a budget spent), the best trial by validation is refit without cross-validation. `ranking`, how the
+    trials were ranked, is recorded on the registered version."""
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     if running:
         click.echo(f"study {study.study_name}: {running} trial(s) still running; the worker that finishes last "
@@ -203,13 +205,13 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
     else:  # no time to cross-validate, or trials ranked by folds with --finalists 0: the best, refit on the training part
         outcome, winner, refit = None, best_trial(study), "model"
         score, evidence = f"best_{monitor}", {f"best_{monitor}": round(float(winner.value), 6)}
-    version, ranking = None, f"{len(search.folds)}-fold" if search.folds else "split"
+    version = None
     if register_as:
         uri, run_id = final.refit(winner, search, outcome, refit)
         version = register_challenger(uri, register_as, alias, promote, score=score, tags={
             "study": study.study_name, "trial": winner.number, "run_id": run_id, "refit": refit,
             final.REFIT_OF: winner.user_attrs.get(RUN_ID_ATTR, ""), "monitor": monitor,
-            "data_fingerprint": search.dataset.fingerprint(), "ranking": ranking, **evidence})
+            "data_fingerprint": search.dataset.fingerprint(), "ranking": ranking.name, **evidence})
     study.set_user_attr(final.SCORED_ATTR, done)
     return version
 
@@ -276,7 +278,7 @@ def main(sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_t
          storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, budget, ranking,
          ranking_folds, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
-    base = config_from_options(options, TUNE_DEFAULTS)
+    base = checked_config(options, TUNE_DEFAULTS)
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
                           pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat,
