@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-stamp
 # The lock: exact versions of everything, compiled by uv from pyproject.toml for any platform and Python it allows.
 # make setup, the MLflow project's environments (conda.yaml) and CI all install with it as pip constraints.
 LOCK := constraints.txt
-UV_COMPILE = uv pip compile pyproject.toml --extra dev --extra docs --universal --python-version 3.10 --quiet
+UV_COMPILE = uv pip compile pyproject.toml --extra dev --extra docs --universal --python-version 3.11 --quiet
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup system demo test test-latest test-lowest lock docs docs-build bench bench-accuracy server clean
