@@ -165,12 +165,13 @@ def canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def lock_mismatches(site_packages: list[str] | None = None, extras=("dev", "docs")) -> list[str]:
+def lock_mismatches(site_packages: list[str] | None = None, extras=("dev", "docs"), lock: Path | None = None
+                    ) -> list[str]:
     """'NAME: installed X, the lock has Y' for each direct dependency (with these extras) installed in this
-    environment, or in the site-packages folders given, at another version than the lock's."""
+    environment, or in the site-packages folders given, at another version than the lock's (`locked_versions`)."""
     installed = {canonical(d.metadata["Name"]): d.version
                  for d in importlib.metadata.distributions(**({"path": site_packages} if site_packages else {}))}
-    pins = locked_versions()
+    pins = locked_versions(lock)
     return [f"{req.name}: installed {installed.get(canonical(req.name), 'nothing')}, the lock has "
             f"{pins.get(canonical(req.name), 'nothing')}"
             for req in direct_requirements(extras)

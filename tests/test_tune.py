@@ -200,7 +200,7 @@ def test_mlflow_run_tune_builds_its_environment_with_uv(tracking, synth_data, tm
     assert parent["tags.mlflow.project.env"] == "uv" and len(children(parent["run_id"])) == 1
     assert MlflowClient().get_model_version_by_alias("uv-best", "champion").version == "1"
     [site_packages] = envs.glob("mlflow-*/lib/python*/site-packages")  # conda.yaml's `-c constraints.txt` held
-    assert lock_mismatches([str(site_packages)], extras=()) == []
+    assert lock_mismatches([str(site_packages)], extras=(), lock=ROOT / "constraints.txt") == []
 
 
 def test_default_study_storage_sits_beside_a_sqlite_tracking_store(synth_data, tmp_path, monkeypatch):
