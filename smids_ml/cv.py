@@ -131,6 +131,9 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
 def main(folds, experiment, run_name, register_as, alias, **options):
     """Stratified k-fold cross-validation: train and test one model per fold, report mean ± std."""
     cfg = config_from_options(options)
+    if cfg.split_column:
+        raise SmidsError(f"--split-column {cfg.split_column}: cv makes every row a test row once, so a table's own "
+                         "split cannot hold; drop the flag (train and tune honour it)")
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
     result = cross_validate(cfg, folds, experiment, run_name, register_as or None, alias or None)

@@ -67,12 +67,29 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) 
     except Image.DecompressionBombError as exc:
         raise ImageError(f"over the pixel limit ({exc})") from None
     except UnidentifiedImageError:
+        if tiff_tag(source, 284) == 2:  # PlanarConfiguration: each channel its own plane
+            raise ImageError("a TIFF with its channels in separate planes, which cannot be read; save it with "
+                             "interleaved channels") from None
         raise ImageError("not an image in a readable format") from None
     except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"truncated or corrupt image ({exc})") from None
     return to_8bit(image)
+
+
+def tiff_tag(source: str | os.PathLike | bytes, tag: int):
+    """A tag of the first directory of a TIFF that Pillow cannot open as an image; None for anything else."""
+    from PIL import TiffImagePlugin
+
+    try:
+        with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as stream:
+            directory = TiffImagePlugin.ImageFileDirectory_v2(stream.read(8))
+            stream.seek(directory.next)
+            directory.load(stream)
+        return directory.get(tag)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        return None
 
 
 # Modes Pillow converts to L/RGB without losing range: 8-bit channels, palettes, bilevel.
@@ -84,8 +101,8 @@ def to_8bit(image: Image.Image) -> Image.Image:
     note for the data report (`info["note"]`) wherever the reading is not the obvious one:
     16-bit grey scaled by the bits its values use (12, as microscope cameras write them, or 16); signed 8-bit
     TIFF shifted by 128 (Pillow reads it as unsigned: -57 would be 199); 32-bit integers by the depth their values
-    use (8 or 16 bits), else by their own range; floats in [0, 1] by 255, other floats by their own range; of a
-    multi-page or two-channel TIFF (or an animated GIF) only the first page or channel. 16-bit RGB TIFFs arrive
+    use (8 or 16 bits), else by their own range (signed 16-bit TIFFs too); floats in [0, 1] by 255, other floats by
+    their own range; of a multi-page or two-channel TIFF (or an animated GIF) only the first page or channel. 16-bit RGB TIFFs arrive
     here as 8-bit already (Pillow keeps their high bytes)."""
     notes = []
     tags = getattr(image, "tag_v2", {})  # TIFF only
@@ -116,7 +133,8 @@ def to_8bit(image: Image.Image) -> Image.Image:
         elif image.mode == "I" and low >= 0 and high <= 65535:
             values = values / 257
         else:
-            kind = "float" if image.mode == "F" else "32-bit integer"
+            bits, signed = np.atleast_1d(tags.get(258, 32))[0], 2 in np.atleast_1d(tags.get(339, 1))
+            kind = "float" if image.mode == "F" else f"{'signed ' if signed else ''}{bits}-bit integer"
             values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
             notes.append(f"scaled by its own range ({kind} pixels {low:g} to {high:g})")
         converted = Image.fromarray(np.rint(values).astype(np.uint8), "L")
@@ -296,7 +314,10 @@ def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | 
         if name not in frame.columns:
             raise SmidsError(f"labels table {table}, line 1: no column {name!r} for {role} (its columns: "
                              f"{', '.join(frame.columns)})")
-    frame = frame[(frame != "").any(axis=1)].assign(**{column: frame[column].str.strip()})  # blank lines out
+    stripped = {name: frame[name].str.strip() for name in (column, split_column) if name}  # as people type them
+    frame = frame[(frame != "").any(axis=1)].assign(**stripped)  # blank lines out
+    if frame.empty:
+        raise SmidsError(f"labels table {table} lists no images (a header and no rows)")
 
     def refuse(index, reason):
         raise SmidsError(f"labels table {table}, line {index + 2} ({frame.at[index, 'path']}): {reason}")
@@ -326,6 +347,11 @@ def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | 
     if unlabelled.any():
         click.echo(f"left out {unlabelled.sum()} row(s) of {table} with no {column} label", err=True)
     out = out[~unlabelled]
+    spellings = out.groupby(out["label"].str.casefold())["label"].unique()
+    for variants in spellings[spellings.map(len) > 1]:
+        lines = [f"line {out.index[out['label'] == v][0] + 2}" for v in variants]
+        raise SmidsError(f"labels table {table}: column {column!r} spells one class as {' and '.join(map(repr, variants))} "
+                         f"({', '.join(lines)}); write it one way (classes are case-sensitive)")
     if classes:
         missing = [c for c in classes if c not in set(out["label"])]
         if missing:
@@ -464,7 +490,18 @@ def table_split(frame: pd.DataFrame, table: Path, valid_frac: float = 0.0, seed:
         if not (out["split"] == part).any():
             raise SmidsError(f"labels table {table}: its split column leaves no {part} images"
                              + (" (test: its test rows, or else its valid rows)" if part == "test" else ""))
+    check_every_class_trains(out, f"labels table {table}")
     return out
+
+
+def check_every_class_trains(manifest: pd.DataFrame, where: str) -> None:
+    """Refuse a split in which a class has no training rows: its model could never predict that class, and its
+    test rows would only count as misses."""
+    untrained = sorted(set(manifest["label"]) - set(manifest.loc[manifest["split"] == "train", "label"]))
+    if untrained:
+        parts = sorted(set(manifest.loc[manifest["label"] == untrained[0], "split"]))
+        raise SmidsError(f"{where}: class {untrained[0]} has no train rows (only {', '.join(parts)}); a model "
+                         "trained on this split could never predict it")
 
 
 def assign_folds(frame: pd.DataFrame, folds: int, seed: int = 42) -> pd.Series:
@@ -585,6 +622,8 @@ def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tup
     missing = [s for s in required_splits if not (manifest["split"] == s).any()]
     if missing:
         raise SmidsError(f"manifest {path} has no {' or '.join(missing)} rows; training needs {' and '.join(required_splits)}")
+    if "train" in required_splits:
+        check_every_class_trains(manifest, f"manifest {path}")
 
 
 def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None,

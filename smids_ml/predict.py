@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from smids_ml import SmidsError
-from smids_ml.console import Command, progress
+from smids_ml.console import Command, FiniteFloat, progress
 from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, files_under, open_image, printable
 from smids_ml.serving import load_classifier
 
@@ -227,7 +227,7 @@ def write(table: pd.DataFrame, path: Path) -> None:
 @click.option("--explain", "explain_dir", default=None, type=click.Path(path_type=Path),
               help="Also write one overlay PNG per input image into this folder: where the model looked for the "
                    "class it predicted (Grad-CAM on its last convolutional stage).")
-@click.option("--min-confidence", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--min-confidence", default=0.0, show_default=True, type=FiniteFloat(0, 1),
               help=f"Label predictions whose top probability is below this {UNCERTAIN!r}.")
 def main(model_uri, inputs, output, batch, every, explain_dir, min_confidence):
     """Classify INPUTs (image files, folders, glob patterns, .mp4/.avi/.mov/.mkv videos) with the

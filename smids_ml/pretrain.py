@@ -29,7 +29,7 @@ from smids_ml import tracking
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
 from smids_ml.config import MODELS, TrainConfig
-from smids_ml.console import Command, steps, stop_if_signalled, stops_cleanly
+from smids_ml.console import Command, FiniteFloat, steps, stop_if_signalled, stops_cleanly
 from smids_ml.data import Dataset, augment_batch, check, data_folder, files_under, load_tensors, printable
 from smids_ml.engine import (_autocast, _to_device, check_finite, make_optimizer, make_scheduler, resolve_device,
                              resolve_precision, seed_everything)
@@ -224,9 +224,9 @@ def pretrain(folder: str, cfg: TrainConfig, temperature: float = 0.2, experiment
                    "supervised training).")
 @click.option("--batch", type=int, default=128, show_default=True,
               help="Crops a batch (twice as many views); each crop is contrasted with the batch's other crops.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate (one-cycle schedule).")
-@click.option("--temperature", type=float, default=0.2, show_default=True, help="NT-Xent softmax temperature.")
-@click.option("--augment-strength", type=float, default=2.0, show_default=True,
+@click.option("--lr", type=FiniteFloat(), default=1e-3, show_default=True, help="Peak AdamW learning rate (one-cycle schedule).")
+@click.option("--temperature", type=FiniteFloat(), default=0.2, show_default=True, help="NT-Xent softmax temperature.")
+@click.option("--augment-strength", type=FiniteFloat(), default=2.0, show_default=True,
               help="Scales the scale/shift and photometric augmentation of each view (train's default is 1).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="MLflow run name.")

@@ -65,8 +65,9 @@ def prepare_data(cfg: TrainConfig) -> Dataset:
             click.echo(line, err=True)
     if len(dataset.classes) < 2:
         where = f"column {cfg.label_column!r} of {cfg.labels}" if cfg.labels else str(dataset.root)
-        raise SmidsError(f"{where} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
-                         f"a classifier needs at least two {'classes' if cfg.labels else 'class folders'}")
+        found = f"only class {dataset.classes[0]}" if dataset.classes else "no class with a readable image"
+        raise SmidsError(f"{where} has {found}; a classifier needs at least two "
+                         f"{'classes' if cfg.labels else 'class folders'}")
     return dataset
 
 
