@@ -276,13 +276,14 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None, labels: str 
 
 
 def data_folder(root: str | os.PathLike) -> Path:
-    """`root` as a Path, or one line saying it is missing or not a folder."""
+    """`root` as an absolute Path (what a run records, so `evaluate` finds it from any directory), or one line
+    saying it is missing or not a folder."""
     root = Path(root)
     if not root.exists():
         raise SmidsError(f"data root {root} does not exist")
     if not root.is_dir():
         raise SmidsError(f"data root {root} is not a folder")
-    return root
+    return root.absolute()
 
 
 def read_csv(path: Path, what: str, **options) -> pd.DataFrame:

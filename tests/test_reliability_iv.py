@@ -238,3 +238,19 @@ def test_row10_sigterm_while_another_process_writes_the_sqlite_store_fails_the_r
     assert errors == ["Error: interrupted: the run is marked FAILED"], err
     with sqlite3.connect(db) as read:
         assert read.execute("SELECT status FROM runs").fetchall() == [("FAILED",)]
+
+
+# --------------------------------------------------------------------------- a run's data root, from anywhere
+
+
+def test_evaluate_finds_the_data_of_a_run_trained_with_a_relative_data_root(tracking, synth_table, tmp_path,
+                                                                           monkeypatch):
+    root, table = table_copy(synth_table, tmp_path)
+    monkeypatch.chdir(root.parent)
+    result = invoke(["train", "--data", "data", "--labels", "data/labels.csv", "--label-column", "debris",
+                     "--register-as", "relative-root", "--experiment", tracking, *FLAGS, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path.parent)
+    result = invoke(["evaluate", "models:/relative-root/1", "--experiment", tracking])
+    assert result.exit_code == 0, result.output
+    assert "images of split test" in result.output
