@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,8 +249,12 @@ def log_study(study: optuna.Study, monitor: str) -> None:
     for name, plot in figures.items():
         stop_if_signalled()  # an interrupted study exits now; the next run of it draws the figures
         try:
-            axes = plot(study)
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances with one varying param
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # a stable API for years
+                warnings.filterwarnings("ignore", "Attempting to set identical")  # a param that took one value
+                warnings.filterwarnings("error", "Target and region quantiles")  # equal importances: say so, no figure
+                axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError, UserWarning) as exc:  # e.g. importances of alike trials
             click.echo(f"skipped figure {name}: {exc}", err=True)
             continue
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure

@@ -254,3 +254,24 @@ def test_evaluate_finds_the_data_of_a_run_trained_with_a_relative_data_root(trac
     result = invoke(["evaluate", "models:/relative-root/1", "--experiment", tracking])
     assert result.exit_code == 0, result.output
     assert "images of split test" in result.output
+
+
+# --------------------------------------------------------------------------- no library noise
+
+
+def test_train_and_tune_print_no_library_warnings(synth_data, tmp_path):
+    """In a process of its own (pytest hides UserWarnings): MLflow's integer-schema hint, Optuna's equal-importances
+    and experimental-API warnings and matplotlib's flat-axis warning are silenced where this project calls them."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n  dropout_rate: [0.1, 0.2]\n")
+    common = ["--data", str(synth_data), "--image-size", "32", "--batch", "16", "--model", "improved_cnn",
+              "--num-threads", "1", "--epochs", "1", "--experiment", "quiet"]
+    for args in (["train", *common], ["tune", *common, "--space", str(space), "--storage", str(tmp_path / "journal"),
+                                      "--n-trials", "3", "--finalists", "0", "--register-as", "", "--pruner", "none",
+                                      "--ranking", "split"]):
+        done = subprocess.run([sys.executable, "-m", "smids_ml.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr, done.stderr
