@@ -275,3 +275,19 @@ def test_train_and_tune_print_no_library_warnings(synth_data, tmp_path):
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------------- flags checked before the libraries load
+
+
+@pytest.mark.parametrize("args", [["train", "--lr", "nan"], ["train", "--dropout-rate", "2"], ["train", "--alias", "x"],
+                                  ["cv", "--folds", "1"], ["cv", "--split-column", "split"], ["train", "--help"]])
+def test_a_train_or_cv_flag_is_checked_before_torch_and_mlflow_load(args):
+    """How fast is benchmarks/bench_cli.py's; here, that the refusal (or the help) needs neither library."""
+    code = ("import sys; from click.testing import CliRunner; from smids_ml.cli import main; "
+            f"result = CliRunner().invoke(main, {args!r}); "
+            "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, result.output; "
+            "print(result.exit_code, result.output)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("0 Usage:" if "--help" in args else "1 Error: "), done.stdout
