@@ -629,35 +629,37 @@ def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tup
 
 def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None,
                   required_splits: tuple[str, ...] = (), labels: str | os.PathLike | None = None,
-                  label_column: str | None = None) -> Dataset:
+                  label_column: str | None = None, name: str | None = None) -> Dataset:
     """Reuse a manifest's split; refuse it when a row is inconsistent (check_manifest_rows), any
     listed file is missing, or its pixels changed. Training requires all three splits. With `labels`
-    (a table and its `label_column`) the paths are relative to `root` and the labels are the table's."""
+    (a table and its `label_column`) the paths are relative to `root` and the labels are the table's. `name` is what
+    the messages call it (a run's artifact, not the temporary file it was downloaded to)."""
     path = Path(path)
+    shown = name or path
     manifest = read_csv(path, "manifest", dtype={"hash": str, "path": str, "label": str, "split": str})
     missing_columns = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing_columns:
-        raise SmidsError(f"{path} is not a split manifest (missing columns: {', '.join(sorted(missing_columns))})")
+        raise SmidsError(f"{shown} is not a split manifest (missing columns: {', '.join(sorted(missing_columns))})")
     if manifest.empty:
-        raise SmidsError(f"manifest {path} lists no images")
+        raise SmidsError(f"manifest {shown} lists no images")
     table = None
     if labels:
         class_root, listed = read_table(root, labels, label_column)
         table = (Path(labels), dict(zip(listed["path"], listed["label"])))
-    check_manifest_rows(manifest, path, required_splits, table)
+    check_manifest_rows(manifest, shown, required_splits, table)
     if not labels:
         class_root = find_class_root(root, sorted(set(manifest["label"])))
     with progress(list(manifest.itertuples(index=False)), "Verifying manifest") as rows:
         for row in rows:
             file = class_root / row.path
             if not file.is_file():
-                raise SmidsError(f"manifest {path} lists {file}, which does not exist")
+                raise SmidsError(f"manifest {shown} lists {file}, which does not exist")
             try:
                 current = describe_file(file)["hash"]
             except ImageError as exc:
-                raise SmidsError(f"manifest {path} lists {file}, which is no longer readable: {exc}") from None
+                raise SmidsError(f"manifest {shown} lists {file}, which is no longer readable: {exc}") from None
             if current != row.hash:
-                raise SmidsError(f"{file} changed since manifest {path} was written (hash {row.hash} → {current})")
+                raise SmidsError(f"{file} changed since manifest {shown} was written (hash {row.hash} → {current})")
     names = [c if labels else canonical_class(c) for c in classes] if classes else sorted(set(manifest["label"]))
     manifest = manifest[manifest["label"].isin(names)]
     return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), names,

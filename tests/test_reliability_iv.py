@@ -19,7 +19,7 @@ import pytest
 
 from smids_ml.studies import open_storage
 from tests.conftest import TINY
-from tests.helpers import assert_one_line_error, invoke
+from tests.helpers import assert_one_line_error, invoke, write_image
 
 FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 
@@ -254,6 +254,11 @@ def test_evaluate_finds_the_data_of_a_run_trained_with_a_relative_data_root(trac
     result = invoke(["evaluate", "models:/relative-root/1", "--experiment", tracking])
     assert result.exit_code == 0, result.output
     assert "images of split test" in result.output
+    # a manifest error names the run's artifact, not the temporary file it was downloaded to
+    write_image(root / "images" / "crop_00.bmp", size=(40, 40), fmt="BMP")
+    result = invoke(["evaluate", "models:/relative-root/1", "--experiment", tracking])
+    error = assert_one_line_error(result, "changed since manifest runs:/", "/manifest.csv was written")
+    assert "/tmp" not in error.split("changed since")[1], error
 
 
 # --------------------------------------------------------------------------- no library noise
