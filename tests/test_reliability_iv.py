@@ -296,3 +296,12 @@ def test_a_train_or_cv_flag_is_checked_before_torch_and_mlflow_load(args):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("0 Usage:" if "--help" in args else "1 Error: "), done.stdout
+
+
+def test_the_predict_table_keeps_a_file_name_with_a_newline_on_one_line(trained_model, synth_data, tmp_path):
+    crop = tmp_path / "two\nlines.bmp"
+    shutil.copy(sorted((synth_data / "Normal_Sperm").iterdir())[0], crop)
+    result = invoke(["predict", trained_model["uri"], str(crop), "--output", str(tmp_path / "out.csv")])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "lines.bmp" in line]
+    assert len(rows) == 1 and "two\\nlines.bmp" in rows[0], result.stdout
