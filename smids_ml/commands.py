@@ -51,7 +51,8 @@ def train(experiment, run_name, register_as, alias, members, member_models, memb
 @click.option("--experiment", default=CV_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="Name of the parent run.")
 @click.option("--register-as", default=None,
-              help="Log the K fold models as one ensemble model (mean of probabilities) and register it under this name.")
+              help="Log the K fold models as one ensemble model (mean of probabilities) and register it under this "
+                   "name.")
 @click.option("--alias", default=None, help="Alias to point at the registered ensemble (e.g. champion).")
 @stops_cleanly("the cross-validation run and its running fold are marked FAILED")
 def cv(folds, experiment, run_name, register_as, alias, **options):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import signal
 import sys
@@ -86,13 +87,17 @@ class FiniteFloat(click.FloatRange):
 
 _signalled = False
 _interrupted_runs: list[str] = []  # the innermost active MLflow run when the signal came, and its parent
+STORE_LOGGER = "mlflow.store"
 FINAL_WRITE_SECONDS = 30  # how long an interrupted command retries marking its runs FAILED (a scheduler's grace)
 
 
 def _interrupt(signum, frame):
-    """Note the open runs from MLflow's memory (no store access: it may be locked), then interrupt."""
+    """Note the open runs from MLflow's memory (no store access: it may be locked), then interrupt. From here on a
+    failed store write is `fail_interrupted_runs`' to retry and the final line's to report: MLflow's store would log
+    each one with its traceback (`database is locked` while another process writes the SQLite file)."""
     global _signalled, _interrupted_runs
     _signalled = True
+    logging.getLogger(STORE_LOGGER).setLevel(logging.CRITICAL)
     mlflow = sys.modules.get("mlflow")
     run = mlflow.active_run() if mlflow else None
     if run is not None:
@@ -156,6 +161,7 @@ def stops_cleanly(what: str):
             global _signalled, _interrupted_runs
             _signalled, _interrupted_runs = False, []
             previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+            store_level = logging.getLogger(STORE_LOGGER).level
             try:
                 return command(*args, **kwargs)
             except BaseException as exc:
@@ -173,5 +179,6 @@ def stops_cleanly(what: str):
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
+                logging.getLogger(STORE_LOGGER).setLevel(store_level)
         return wrapper
     return decorate

@@ -101,8 +101,9 @@ def to_8bit(image: Image.Image) -> Image.Image:
     note for the data report (`info["note"]`) wherever the reading is not the obvious one:
     16-bit grey scaled by the bits its values use (12, as microscope cameras write them, or 16); signed 8-bit
     TIFF shifted by 128 (Pillow reads it as unsigned: -57 would be 199); 32-bit integers by the depth their values
-    use (8 or 16 bits), else by their own range (signed 16-bit TIFFs too); floats in [0, 1] by 255, other floats by
-    their own range; of a multi-page or two-channel TIFF (or an animated GIF) only the first page or channel. 16-bit RGB TIFFs arrive
+    use (8 or 16 bits), else by their own range (signed 16-bit TIFFs too); floats in [0, 1] by 255, other
+    floats by their own range; of a multi-page or two-channel TIFF (or an animated GIF) only the first page or
+    channel. 16-bit RGB TIFFs arrive
     here as 8-bit already (Pillow keeps their high bytes)."""
     notes = []
     tags = getattr(image, "tag_v2", {})  # TIFF only
@@ -351,8 +352,9 @@ def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | 
     spellings = out.groupby(out["label"].str.casefold())["label"].unique()
     for variants in spellings[spellings.map(len) > 1]:
         lines = [f"line {out.index[out['label'] == v][0] + 2}" for v in variants]
-        raise SmidsError(f"labels table {table}: column {column!r} spells one class as {' and '.join(map(repr, variants))} "
-                         f"({', '.join(lines)}); write it one way (classes are case-sensitive)")
+        spelled = " and ".join(map(repr, variants))
+        raise SmidsError(f"labels table {table}: column {column!r} spells one class as {spelled} ({', '.join(lines)}); "
+                         "write it one way (classes are case-sensitive)")
     if classes:
         missing = [c for c in classes if c not in set(out["label"])]
         if missing:

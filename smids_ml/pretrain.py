@@ -224,7 +224,8 @@ def pretrain(folder: str, cfg: TrainConfig, temperature: float = 0.2, experiment
                    "supervised training).")
 @click.option("--batch", type=int, default=128, show_default=True,
               help="Crops a batch (twice as many views); each crop is contrasted with the batch's other crops.")
-@click.option("--lr", type=FiniteFloat(), default=1e-3, show_default=True, help="Peak AdamW learning rate (one-cycle schedule).")
+@click.option("--lr", type=FiniteFloat(), default=1e-3, show_default=True,
+              help="Peak AdamW learning rate (one-cycle schedule).")
 @click.option("--temperature", type=FiniteFloat(), default=0.2, show_default=True, help="NT-Xent softmax temperature.")
 @click.option("--augment-strength", type=FiniteFloat(), default=2.0, show_default=True,
               help="Scales the scale/shift and photometric augmentation of each view (train's default is 1).")

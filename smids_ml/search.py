@@ -125,7 +125,8 @@ class Search:
             raise stopped
         return value
 
-    def score(self, cfg: TrainConfig, callbacks: list, tags: dict | None = None) -> tuple[float, torch.nn.Module | None]:
+    def score(self, cfg: TrainConfig, callbacks: list,
+              tags: dict | None = None) -> tuple[float, torch.nn.Module | None]:
         """In the trial's run: its value and the network to keep. Ranked on the split, one training. Ranked by folds,
         one nested run per fold (carrying the trial run's `tags`, so a search for the defaults trial's runs finds its
         folds' curves too) and the mean of their best metrics, `fold_K_<monitor>` for each (no one network to

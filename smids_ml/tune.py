@@ -220,7 +220,8 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
               help=f"Named search space ({', '.join(SPACES)}) or a YAML/JSON file.")
 @click.option("--n-trials", type=click.IntRange(min=0), default=None,
               help=f"Trials to run (0 or unset: the whole grid, or {DEFAULT_TPE_TRIALS} for tpe/random).")
-@click.option("--timeout", type=FiniteFloat(min=0), default=None, help="Stop starting trials after this many seconds (0: none).")
+@click.option("--timeout", type=FiniteFloat(min=0), default=None,
+              help="Stop starting trials after this many seconds (0: none).")
 @click.option("--pruner", type=click.Choice(["halving", "median", "hyperband", "none"]), default="halving",
               show_default=True,
               help="halving: successive halving over --rungs of complete, compressed schedules (epochs/eta², "
