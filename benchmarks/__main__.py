@@ -4,7 +4,7 @@ import importlib
 
 import click
 
-MODULES = ("bench_data", "bench_train", "bench_recipes", "bench_tune", "bench_predict", "bench_workers")
+MODULES = ("bench_data", "bench_train", "bench_recipes", "bench_tune", "bench_predict", "bench_workers", "bench_cli")
 
 for name in MODULES:
     main = importlib.import_module(f"benchmarks.{name}").main

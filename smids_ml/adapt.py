@@ -63,8 +63,11 @@ def adapt(cfg: TrainConfig, dataset: Dataset, train_images: int | None = None) -
         n = train_images if train_images is not None else int((manifest["split"] == "train").sum())
         steps = max(1, math.ceil(n / cfg.batch))
         values["epochs"] = max(BASE_EPOCHS, math.ceil(BASE_STEPS / steps))
-        reasons.append(f"epochs={values['epochs']} ({n} training crops, {steps} steps an epoch: at least "
-                       f"{BASE_STEPS:,} steps and {BASE_EPOCHS} epochs)")
+        why = (f"~{round(values['epochs'] * steps, -2):,} optimizer steps, like a SMIDS model; a small set trains "
+               "more epochs" if values["epochs"] > BASE_EPOCHS
+               else f"at least {BASE_EPOCHS} epochs and {BASE_STEPS:,} steps")
+        reasons.append(f"epochs={values['epochs']} ({n} training crops, {steps} step{'s' if steps > 1 else ''} an "
+                       f"epoch: {why})")
     if cfg.class_weights == "auto":
         counts = manifest["label"].value_counts()
         ratio = float(counts.max() / counts.min())

@@ -22,6 +22,20 @@ from click.core import ParameterSource
 
 from smids_ml import SmidsError
 
+class FiniteFloat(click.FloatRange):
+    """A number flag that refuses nan and inf while click parses, before torch or MLflow load: they pass every
+    comparison of a range, and downstream `int(nan)` is a traceback and `inf` an overflow or a run that never ends."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            raise SmidsError(f"{param.opts[0] if param else 'the value'} must be a finite number, got {value!r}")
+        return number
+
+
+TRAIN_EXPERIMENT, CV_EXPERIMENT = "smids-ml", "smids-ml-cv"  # the commands' default MLflow experiments
 MODELS = ("smids_resnet", "simple_cnn", "improved_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
 MONITORS = ("valid_f1", "valid_acc", "valid_loss")
@@ -224,6 +238,11 @@ class TrainConfig:
             (bool(self.labels) == bool(self.label_column), "--labels and --label-column go together: the table, and "
                                                            "which of its columns holds the classes"),
             (self.labels or not self.split_column, "--split-column names a column of the --labels table; give --labels"),
+            (len(set(self.label_columns)) == len(self.label_columns),
+             f"--label-column {self.label_column}: names a column twice; one model each needs distinct columns"),
+            (not self.split_column or self.split_column not in self.label_columns,
+             f"--split-column {self.split_column} is also a --label-column: the test part would be one class, which "
+             "the model never trained on"),
         ]
         for f in fields(self):
             choices = f.metadata.get("choices")
@@ -307,7 +326,7 @@ def config_options(defaults: dict[str, Any] | None = None, only: tuple[str, ...]
                 command = click.option(flag, f.name, type=click.BOOL, is_flag=False, flag_value=True,
                                        default=f.default, show_default=True, help=help_text)(command)
                 continue
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": FiniteFloat()}.get(str(f.type), str)
             if choices:
                 kind = click.Choice([str(c) for c in choices])
             command = click.option(flag, f.name, type=kind, default=default, show_default=default is not None,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterable, TypeVar
 
@@ -69,12 +71,61 @@ class Command(OneLineUsage, click.Command):
 
 
 _signalled = False
+_interrupted_runs: list[str] = []  # the innermost active MLflow run when the signal came, and its parent
+STORE_LOGGER = "mlflow.store"
+FINAL_WRITE_SECONDS = 30  # how long an interrupted command retries marking its runs FAILED (a scheduler's grace)
 
 
 def _interrupt(signum, frame):
-    global _signalled
+    """Note the open runs from MLflow's memory (no store access: it may be locked), then interrupt. From here on a
+    failed store write is `fail_interrupted_runs`' to retry and the final line's to report: MLflow's store would log
+    each one with its traceback (`database is locked` while another process writes the SQLite file)."""
+    global _signalled, _interrupted_runs
     _signalled = True
+    logging.getLogger(STORE_LOGGER).setLevel(logging.CRITICAL)
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow else None
+    if run is not None:
+        _interrupted_runs = [run.info.run_id, *filter(None, [run.data.tags.get("mlflow.parentRunId")])]
     raise KeyboardInterrupt
+
+
+def _retrying(action, deadline: float):
+    """`action()`, again every half second while the store refuses it (SQLite's `database is locked` when another
+    process writes the same file), until `deadline` (time.monotonic()); its last error then."""
+    while True:
+        try:
+            return action()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def fail_interrupted_runs() -> list[str]:
+    """Mark FAILED the runs that were open when the signal came (and their ancestors) that are still RUNNING: MLflow's
+    own end of a run writes once, and an interrupt while another process writes the same SQLite store lost that
+    write and left the run RUNNING. Returns the runs it could not mark within FINAL_WRITE_SECONDS."""
+    if not _interrupted_runs:
+        return []
+    from mlflow import MlflowClient
+
+    client, deadline = MlflowClient(), time.monotonic() + FINAL_WRITE_SECONDS
+    pending, seen, left = list(_interrupted_runs), set(), []
+    while pending:
+        run_id = pending.pop(0)
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        try:
+            run = _retrying(lambda: client.get_run(run_id), deadline)
+            if run.info.status == "RUNNING":
+                _retrying(lambda: client.set_terminated(run_id, "FAILED"), deadline)
+        except Exception:
+            left.append(run_id)
+            continue
+        pending.extend(filter(None, [run.data.tags.get("mlflow.parentRunId")]))
+    return left
 
 
 def stop_if_signalled() -> None:
@@ -86,18 +137,32 @@ def stop_if_signalled() -> None:
 
 def stops_cleanly(what: str):
     """Decorate a command so Ctrl-C and SIGTERM (kill, a scheduler stopping a job) end it the same way:
-    the open MLflow runs end FAILED (their context managers see the exception), then one line and exit 1.
-    `what` says what was left behind, after "interrupted: "."""
+    the open MLflow runs end FAILED (their context managers see the exception, and `fail_interrupted_runs` retries
+    what a locked store refused), then one line and exit 1, whatever error the interrupt became on its way out (a
+    `database is locked` from the store included). `what` says what was left behind, after "interrupted: "."""
     def decorate(command):
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
+            global _signalled, _interrupted_runs
+            _signalled, _interrupted_runs = False, []
             previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+            store_level = logging.getLogger(STORE_LOGGER).level
             try:
                 return command(*args, **kwargs)
-            except KeyboardInterrupt:
+            except BaseException as exc:
+                if not (_signalled or isinstance(exc, KeyboardInterrupt)):
+                    raise
+                try:
+                    left = fail_interrupted_runs()
+                except KeyboardInterrupt:  # a second Ctrl-C: stop retrying
+                    left = _interrupted_runs
+                if left:
+                    raise SmidsError(f"interrupted: the tracking store refused to mark run(s) {', '.join(left)} "
+                                     "FAILED; `smids-ml runs --fix-stale` marks them") from None
                 raise SmidsError(f"interrupted: {what}") from None
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
+                logging.getLogger(STORE_LOGGER).setLevel(store_level)
         return wrapper
     return decorate

@@ -20,17 +20,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from smids_ml import SmidsError, tracking
+from smids_ml import tracking
 from smids_ml.adapt import adapt
-from smids_ml.config import TrainConfig, config_options
-from smids_ml.console import Command, stops_cleanly
+from smids_ml.config import CV_EXPERIMENT as DEFAULT_EXPERIMENT, TrainConfig
 from smids_ml.data import MANIFEST_COLUMNS, Dataset, assign_folds, carve_valid, load_tensors, make_batches, prepare_data
 from smids_ml.engine import predict_proba, resolve_device, resolve_precision
 from smids_ml.evaluate import HEADLINE, log_evaluation
 from smids_ml.train import run_training
-from smids_ml.transfer import checked_config
 
-DEFAULT_EXPERIMENT = "smids-ml-cv"
 
 
 def fold_dataset(dataset: Dataset, fold: pd.Series, k: int, valid_frac: float, seed: int) -> Dataset:
@@ -118,22 +115,8 @@ def cross_validate(cfg: TrainConfig, folds: int = 5, experiment: str | None = DE
     return result
 
 
-@click.command("cv", cls=Command)
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
-              help="Number of folds; each is the test set once. A --valid-frac part (none by default) is carved "
-                   "from the other folds; --test-frac is not used.")
-@config_options()
-@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
-@click.option("--run-name", default=None, help="Name of the parent run.")
-@click.option("--register-as", default=None,
-              help="Log the K fold models as one ensemble model (mean of probabilities) and register it under this name.")
-@click.option("--alias", default=None, help="Alias to point at the registered ensemble (e.g. champion).")
-@stops_cleanly("the cross-validation run and its running fold are marked FAILED")
-def main(folds, experiment, run_name, register_as, alias, **options):
-    """Stratified k-fold cross-validation: train and test one model per fold, report mean ± std."""
-    cfg = checked_config(options)
-    if alias and not register_as:
-        raise SmidsError("--alias needs --register-as")
+def run(cfg: TrainConfig, folds, experiment, run_name, register_as, alias) -> None:
+    """What `smids-ml cv` does once its flags are checked (`commands.cv`): the folds, then their summary."""
     result = cross_validate(cfg, folds, experiment, run_name, register_as or None, alias or None)
     rows = [(f"test_{m}", result.summary[f"cv_test_{m}_mean"], result.summary[f"cv_test_{m}_std"])
             for m in HEADLINE if f"cv_test_{m}_mean" in result.summary]
@@ -144,6 +127,9 @@ def main(folds, experiment, run_name, register_as, alias, **options):
         click.echo(f"registered the {folds}-model ensemble as models:/{register_as}/{result.version}"
                    + (f" (@{alias})" if alias else ""))
 
+
+
+from smids_ml.commands import cv as main  # noqa: E402  (`python -m smids_ml.cv`, the MLproject's entry)
 
 if __name__ == "__main__":
     main()

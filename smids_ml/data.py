@@ -68,12 +68,29 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) 
     except Image.DecompressionBombError as exc:
         raise ImageError(f"over the pixel limit ({exc})") from None
     except UnidentifiedImageError:
+        if tiff_tag(source, 284) == 2:  # PlanarConfiguration: each channel its own plane
+            raise ImageError("a TIFF with its channels in separate planes, which cannot be read; save it with "
+                             "interleaved channels") from None
         raise ImageError("not an image in a readable format") from None
     except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"truncated or corrupt image ({exc})") from None
     return to_8bit(image)
+
+
+def tiff_tag(source: str | os.PathLike | bytes, tag: int):
+    """A tag of the first directory of a TIFF that Pillow cannot open as an image; None for anything else."""
+    from PIL import TiffImagePlugin
+
+    try:
+        with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as stream:
+            directory = TiffImagePlugin.ImageFileDirectory_v2(stream.read(8))
+            stream.seek(directory.next)
+            directory.load(stream)
+        return directory.get(tag)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        return None
 
 
 # Modes Pillow converts to L/RGB without losing range: 8-bit channels, palettes, bilevel.
@@ -85,8 +102,9 @@ def to_8bit(image: Image.Image) -> Image.Image:
     note for the data report (`info["note"]`) wherever the reading is not the obvious one:
     16-bit grey scaled by the bits its values use (12, as microscope cameras write them, or 16); signed 8-bit
     TIFF shifted by 128 (Pillow reads it as unsigned: -57 would be 199); 32-bit integers by the depth their values
-    use (8 or 16 bits), else by their own range; floats in [0, 1] by 255, other floats by their own range; of a
-    multi-page or two-channel TIFF (or an animated GIF) only the first page or channel. 16-bit RGB TIFFs arrive
+    use (8 or 16 bits), else by their own range (signed 16-bit TIFFs too); floats in [0, 1] by 255, other
+    floats by their own range; of a multi-page or two-channel TIFF (or an animated GIF) only the first page or
+    channel. 16-bit RGB TIFFs arrive
     here as 8-bit already (Pillow keeps their high bytes)."""
     notes = []
     tags = getattr(image, "tag_v2", {})  # TIFF only
@@ -117,7 +135,8 @@ def to_8bit(image: Image.Image) -> Image.Image:
         elif image.mode == "I" and low >= 0 and high <= 65535:
             values = values / 257
         else:
-            kind = "float" if image.mode == "F" else "32-bit integer"
+            bits, signed = np.atleast_1d(tags.get(258, 32))[0], 2 in np.atleast_1d(tags.get(339, 1))
+            kind = "float" if image.mode == "F" else f"{'signed ' if signed else ''}{bits}-bit integer"
             values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
             notes.append(f"scaled by its own range ({kind} pixels {low:g} to {high:g})")
         converted = Image.fromarray(np.rint(values).astype(np.uint8), "L")
@@ -259,13 +278,14 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None, labels: str 
 
 
 def data_folder(root: str | os.PathLike) -> Path:
-    """`root` as a Path, or one line saying it is missing or not a folder."""
+    """`root` as an absolute Path (what a run records, so `evaluate` finds it from any directory), or one line
+    saying it is missing or not a folder."""
     root = Path(root)
     if not root.exists():
         raise SmidsError(f"data root {root} does not exist")
     if not root.is_dir():
         raise SmidsError(f"data root {root} is not a folder")
-    return root
+    return root.absolute()
 
 
 def read_csv(path: Path, what: str, **options) -> pd.DataFrame:
@@ -297,7 +317,10 @@ def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | 
         if name not in frame.columns:
             raise SmidsError(f"labels table {table}, line 1: no column {name!r} for {role} (its columns: "
                              f"{', '.join(frame.columns)})")
-    frame = frame[(frame != "").any(axis=1)].assign(**{column: frame[column].str.strip()})  # blank lines out
+    stripped = {name: frame[name].str.strip() for name in (column, split_column) if name}  # as people type them
+    frame = frame[(frame != "").any(axis=1)].assign(**stripped)  # blank lines out
+    if frame.empty:
+        raise SmidsError(f"labels table {table} lists no images (a header and no rows)")
 
     def refuse(index, reason):
         raise SmidsError(f"labels table {table}, line {index + 2} ({frame.at[index, 'path']}): {reason}")
@@ -327,6 +350,12 @@ def read_table(root: str | os.PathLike, table: str | os.PathLike, column: str | 
     if unlabelled.any():
         click.echo(f"left out {unlabelled.sum()} row(s) of {table} with no {column} label", err=True)
     out = out[~unlabelled]
+    spellings = out.groupby(out["label"].str.casefold())["label"].unique()
+    for variants in spellings[spellings.map(len) > 1]:
+        lines = [f"line {out.index[out['label'] == v][0] + 2}" for v in variants]
+        spelled = " and ".join(map(repr, variants))
+        raise SmidsError(f"labels table {table}: column {column!r} spells one class as {spelled} ({', '.join(lines)}); "
+                         "write it one way (classes are case-sensitive)")
     if classes:
         missing = [c for c in classes if c not in set(out["label"])]
         if missing:
@@ -465,7 +494,18 @@ def table_split(frame: pd.DataFrame, table: Path, valid_frac: float = 0.0, seed:
         if not (out["split"] == part).any():
             raise SmidsError(f"labels table {table}: its split column leaves no {part} images"
                              + (" (test: its test rows, or else its valid rows)" if part == "test" else ""))
+    check_every_class_trains(out, f"labels table {table}")
     return out
+
+
+def check_every_class_trains(manifest: pd.DataFrame, where: str) -> None:
+    """Refuse a split in which a class has no training rows: its model could never predict that class, and its
+    test rows would only count as misses."""
+    untrained = sorted(set(manifest["label"]) - set(manifest.loc[manifest["split"] == "train", "label"]))
+    if untrained:
+        parts = sorted(set(manifest.loc[manifest["label"] == untrained[0], "split"]))
+        raise SmidsError(f"{where}: class {untrained[0]} has no train rows (only {', '.join(parts)}); a model "
+                         "trained on this split could never predict it")
 
 
 def assign_folds(frame: pd.DataFrame, folds: int, seed: int = 42) -> pd.Series:
@@ -556,8 +596,9 @@ def prepare_data(cfg: TrainConfig) -> Dataset:
             click.echo(line, err=True)
     if len(dataset.classes) < 2:
         where = f"column {cfg.label_column!r} of {cfg.labels}" if cfg.labels else str(dataset.root)
-        raise SmidsError(f"{where} has {len(dataset.classes)} class ({', '.join(dataset.classes)}); "
-                         f"a classifier needs at least two {'classes' if cfg.labels else 'class folders'}")
+        found = f"only class {dataset.classes[0]}" if dataset.classes else "no class with a readable image"
+        raise SmidsError(f"{where} has {found}; a classifier needs at least two "
+                         f"{'classes' if cfg.labels else 'class folders'}")
     return dataset
 
 
@@ -606,39 +647,43 @@ def check_manifest_rows(manifest: pd.DataFrame, path: Path, required_splits: tup
     missing = [s for s in required_splits if not (manifest["split"] == s).any()]
     if missing:
         raise SmidsError(f"manifest {path} has no {' or '.join(missing)} rows; training needs {' and '.join(required_splits)}")
+    if "train" in required_splits:
+        check_every_class_trains(manifest, f"manifest {path}")
 
 
 def load_manifest(path: str | os.PathLike, root: str | os.PathLike, classes: list[str] | None = None,
                   required_splits: tuple[str, ...] = (), labels: str | os.PathLike | None = None,
-                  label_column: str | None = None) -> Dataset:
+                  label_column: str | None = None, name: str | None = None) -> Dataset:
     """Reuse a manifest's split; refuse it when a row is inconsistent (check_manifest_rows), any
     listed file is missing, or its pixels changed. Training requires all three splits. With `labels`
-    (a table and its `label_column`) the paths are relative to `root` and the labels are the table's."""
+    (a table and its `label_column`) the paths are relative to `root` and the labels are the table's. `name` is what
+    the messages call it (a run's artifact, not the temporary file it was downloaded to)."""
     path = Path(path)
+    shown = name or path
     manifest = read_csv(path, "manifest", dtype={"hash": str, "path": str, "label": str, "split": str})
     missing_columns = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing_columns:
-        raise SmidsError(f"{path} is not a split manifest (missing columns: {', '.join(sorted(missing_columns))})")
+        raise SmidsError(f"{shown} is not a split manifest (missing columns: {', '.join(sorted(missing_columns))})")
     if manifest.empty:
-        raise SmidsError(f"manifest {path} lists no images")
+        raise SmidsError(f"manifest {shown} lists no images")
     table = None
     if labels:
         class_root, listed = read_table(root, labels, label_column)
         table = (Path(labels), dict(zip(listed["path"], listed["label"])))
-    check_manifest_rows(manifest, path, required_splits, table)
+    check_manifest_rows(manifest, shown, required_splits, table)
     if not labels:
         class_root = find_class_root(root, sorted(set(manifest["label"])))
     with progress(list(manifest.itertuples(index=False)), "Verifying manifest") as rows:
         for row in rows:
             file = class_root / row.path
             if not file.is_file():
-                raise SmidsError(f"manifest {path} lists {file}, which does not exist")
+                raise SmidsError(f"manifest {shown} lists {file}, which does not exist")
             try:
                 current = describe_file(file)["hash"]
             except ImageError as exc:
-                raise SmidsError(f"manifest {path} lists {file}, which is no longer readable: {exc}") from None
+                raise SmidsError(f"manifest {shown} lists {file}, which is no longer readable: {exc}") from None
             if current != row.hash:
-                raise SmidsError(f"{file} changed since manifest {path} was written (hash {row.hash} → {current})")
+                raise SmidsError(f"{file} changed since manifest {shown} was written (hash {row.hash} → {current})")
     names = [c if labels else canonical_class(c) for c in classes] if classes else sorted(set(manifest["label"]))
     manifest = manifest[manifest["label"].isin(names)]
     return Dataset(class_root, manifest.sort_values("path").reset_index(drop=True), names,

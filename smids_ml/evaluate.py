@@ -170,11 +170,12 @@ def evaluation_data(source: ModelSource, data: str | None, split_manifest: str |
     its labels checked against the labels table the run used (or `labels`), when it used one."""
     if source.run_id is None and not (data and split_manifest):
         raise SmidsError(f"cannot tell which run trained {source.uri}: pass --data and --split-manifest")
+    name = None
     try:
         if not split_manifest:
-            where = f"{workdir}/training-run-{source.run_id}"  # so that errors say whose manifest it is
+            name = f"runs:/{source.run_id}/manifest.csv"  # what errors call it, not the temporary download
             split_manifest = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path="manifest.csv",
-                                                                 dst_path=where)
+                                                                 dst_path=workdir)
         params = MlflowClient().get_run(source.run_id).data.params if source.run_id else {}
         if not data:  # the absolute class root the run used; `data` as typed may be relative to another folder
             data = params.get("data_root") or params.get("data")
@@ -185,7 +186,7 @@ def evaluation_data(source: ModelSource, data: str | None, split_manifest: str |
                          f"({one_line(exc)}); pass --split-manifest") from None
     if not data:
         raise SmidsError(f"training run {source.run_id} has no `data` parameter; pass --data")
-    return load_manifest(split_manifest, data, labels=labels, label_column=label_column)
+    return load_manifest(split_manifest, data, labels=labels, label_column=label_column, name=name)
 
 
 def training_manifest(source: ModelSource, workdir: str) -> pd.DataFrame:

@@ -66,6 +66,9 @@ def explore(root, classes=None, experiment: str | None = "smids-ml-explore", lab
         raise SmidsError("--labels and --label-column go together: the table, and which of its columns holds the classes")
     class_root, frame = scan(root, classes, labels, label_column)
     report = check(class_root, frame)
+    if report.frame.empty:
+        raise SmidsError(f"{labels or class_root}: no readable image ({len(report.problems)} unreadable); nothing to "
+                         "summarise")
     counts, resolutions = class_counts(report.frame), resolution_table(report.frame)
     problems = pd.DataFrame(report.problems, columns=["path", "reason"])
     facts = {"images": len(report.frame), "classes": len(counts), "unreadable": len(problems),

@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from smids_ml import SmidsError
+from smids_ml.config import FiniteFloat
 from smids_ml.console import Command, progress
-from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, files_under, open_image, printable
+from smids_ml.data import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, escaped, files_under, open_image, printable
 from smids_ml.serving import load_classifier
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv"}
@@ -193,12 +194,13 @@ def write_overlays(model, table: pd.DataFrame, folder: Path, batch: int = 32) ->
 
 
 def render(table: pd.DataFrame) -> str:
-    """Aligned columns for the terminal: text left, numbers right with 3 decimals, blanks for missing."""
+    """Aligned columns for the terminal: text left (a newline or other control character in a file name or an error
+    as its escape, so that a row stays one line), numbers right with 3 decimals, blanks for missing."""
     columns = [c for c in table.columns if c != "error" or table["error"].notna().any()]
     text = {c for c in columns if c in TEXT_COLUMNS or not pd.api.types.is_numeric_dtype(table[c])}  # labels per model
     cells = [list(columns)]
     for row in table[columns].itertuples(index=False):
-        cells.append(["" if pd.isna(v) else str(v) if c in text else f"{v:.3f}" for c, v in zip(columns, row)])
+        cells.append(["" if pd.isna(v) else escaped(str(v)) if c in text else f"{v:.3f}" for c, v in zip(columns, row)])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     right = [c not in text or c == "frame" for c in columns]
     return "\n".join("  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(line, widths, right)).rstrip()
@@ -227,7 +229,7 @@ def write(table: pd.DataFrame, path: Path) -> None:
 @click.option("--explain", "explain_dir", default=None, type=click.Path(path_type=Path),
               help="Also write one overlay PNG per input image into this folder: where the model looked for the "
                    "class it predicted (Grad-CAM on its last convolutional stage).")
-@click.option("--min-confidence", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--min-confidence", default=0.0, show_default=True, type=FiniteFloat(0, 1),
               help=f"Label predictions whose top probability is below this {UNCERTAIN!r}.")
 def main(model_uri, inputs, output, batch, every, explain_dir, min_confidence):
     """Classify INPUTs (image files, folders, glob patterns, .mp4/.avi/.mov/.mkv videos) with the

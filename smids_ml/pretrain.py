@@ -28,7 +28,7 @@ from smids_ml import SmidsError
 from smids_ml import tracking
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
-from smids_ml.config import TrainConfig, config_from_options, config_options
+from smids_ml.config import FiniteFloat, TrainConfig, config_from_options, config_options
 from smids_ml.console import Command, steps, stop_if_signalled, stops_cleanly
 from smids_ml.data import Dataset, augment_batch, check, data_folder, files_under, load_tensors, printable
 from smids_ml.engine import (_autocast, _to_device, check_finite, make_optimizer, make_scheduler, resolve_device,
@@ -214,7 +214,7 @@ def pretrain(folder: str, cfg: TrainConfig, temperature: float = 0.2, experiment
 @click.option("--epochs", type=int, default=0, show_default=True,
               help="0: half of what train would choose for this many crops (two views a crop: the compute of one "
                    "supervised training).")
-@click.option("--temperature", type=float, default=0.2, show_default=True, help="NT-Xent softmax temperature.")
+@click.option("--temperature", type=FiniteFloat(), default=0.2, show_default=True, help="NT-Xent softmax temperature.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="MLflow run name.")
 @click.option("--register-as", default=None, help="Register the pretrained network under this name.")

@@ -34,6 +34,7 @@ from PIL import Image
 from scipy.optimize import nnls
 
 from smids_ml import SmidsError, plots
+from smids_ml.config import FiniteFloat
 from smids_ml.console import Command
 from smids_ml.data import IMAGE_EXTENSIONS, files_under, open_image, printable
 from smids_ml.evaluate import latest_evaluation
@@ -260,24 +261,27 @@ figure img {{ max-width: 112px; max-height: 112px; margin: 1px; vertical-align: 
 
 def render_html(report: dict, galleries: dict[str, str]) -> str:
     classes, normal = report["classes"], report["normal_class"]
-    header = ["sample", "crops", *classes]
+    header = ["sample", "crops", "unreadable", *classes]
     if normal:
         header += ["normal among cells (95% CI)", "adjusted (95% CI)"]
     header.append("for review")
     rows = []
-    for s in report["samples"]:
+    for i, s in enumerate(report["samples"]):
         cells = [s["sample"], s["n_crops"], *(s["counts"][c] for c in classes)]
         if normal:
             cells += [_percent(s.get("normal_fraction"), s.get("normal_fraction_ci")),
                       _percent(s.get("normal_fraction_adjusted"), s.get("normal_fraction_adjusted_ci"))]
         cells.append(len(s["review"]))
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        cells = [f"<td>{html.escape(str(c))}</td>" for c in cells]
+        unreadable = s["n_unreadable"]
+        cells.insert(2, f'<td><a href="#unreadable-{i}">{unreadable}</a></td>' if unreadable else "<td>0</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
     adjustment = report["adjustment"]
     method = (f"Intervals: {report['interval']}. Adjusted: {report['adjusted_interval']}, with the confusion matrix "
               f"of evaluation run {adjustment['evaluation_run_id']} ({adjustment['evaluation_images']} images)."
               if adjustment else f"Not adjusted: {report['adjustment_note']}")
-    sections = "".join(f'<section id="sample-{i}"><h2>{html.escape(s["sample"])}</h2>{galleries[s["sample"]]}</section>'
-                       for i, s in enumerate(report["samples"]))
+    sections = "".join(f'<section id="sample-{i}"><h2>{html.escape(s["sample"])}</h2>{unreadable_list(s, i)}'
+                       f'{galleries[s["sample"]]}</section>' for i, s in enumerate(report["samples"]))
     meta = (f"Model {report['model']} ({report['model_version']}); classes {', '.join(classes)}; "
             + (f"normal forms: {normal}, left out as not cells: {', '.join(report['excluded_classes']) or 'none'}; "
                if normal else "no class of normal forms: class shares only; ")
@@ -285,6 +289,15 @@ def render_html(report: dict, galleries: dict[str, str]) -> str:
     return PAGE.format(title=html.escape(f"Morphology report: {report['folder']}"), meta=html.escape(meta),
                        header="".join(f"<th>{html.escape(h)}</th>" for h in header), rows="".join(rows),
                        method=html.escape(method), sections=sections, disclaimer=html.escape(report["disclaimer"]))
+
+
+def unreadable_list(sample: dict, index: int) -> str:
+    """The crops of a sample that could not be read, with why: where the page's count of them links to."""
+    if not sample["unreadable"]:
+        return ""
+    items = "".join(f"<li>{html.escape(row['path'])}: {html.escape(row['error'])}</li>" for row in sample["unreadable"])
+    return (f'<h3 id="unreadable-{index}">could not be read: {len(sample["unreadable"])} (not counted above; also in '
+            f'<a href="predictions.csv">predictions.csv</a>)</h3><ul>{items}</ul>')
 
 
 def sample_section(model, sample: dict, table: pd.DataFrame, roles: Roles, review_below: float, per_class: int) -> str:
@@ -334,7 +347,9 @@ def make_report(model_uri: str, folder: Path, out: Path, one_sample: bool = Fals
         if good.empty:
             raise SmidsError(f"sample {name}: none of its {len(table)} crops could be read "
                              f"(first: {table['path'].iloc[0]}: {table['error'].iloc[0]})")
-        figure = {"sample": name, "n_unreadable": int(len(table) - len(good)),
+        bad = table[table["error"].notna()]
+        figure = {"sample": name, "n_unreadable": len(bad),
+                  "unreadable": [{"path": p, "error": e} for p, e in zip(bad["path"], bad["error"])],
                   **sample_figures(good["label"], classes, roles, adjustment, rng)}
         review = good[good["confidence"] < review_below].sort_values("confidence")
         figure["review"] = [{"path": p, "predicted": label, "confidence": round(float(c), 4)}
@@ -369,7 +384,7 @@ def make_report(model_uri: str, folder: Path, out: Path, one_sample: bool = Fals
               help="Folder for report.json, predictions.csv and report.html.")
 @click.option("--one-sample", is_flag=True, help="Treat every crop under FOLDER as one sample (default: one sample "
                                                  "per sub-folder, and the crops directly in FOLDER as one more).")
-@click.option("--review-below", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+@click.option("--review-below", type=FiniteFloat(0, 1), default=0.6, show_default=True,
               help="List crops whose top probability is below this for review by eye.")
 @click.option("--normal-class", default=None, help="The class of normal forms (default: the class named Normal…).")
 @click.option("--evaluation-run", default=None, help="Correct with this evaluation run's confusion matrix "
@@ -393,6 +408,8 @@ def main(model_uri, folder, out, one_sample, review_below, normal_class, evaluat
             mlflow.log_artifact(str(out / name))
     for s in report["samples"]:
         line = f"{s['sample']}: {s['n_crops']} crops"
+        if s["n_unreadable"]:
+            line += f" ({s['n_unreadable']} more could not be read: listed in predictions.csv and report.html)"
         if report["normal_class"]:
             line += f", normal among cells {_percent(s.get('normal_fraction'), s.get('normal_fraction_ci'))}"
             if "normal_fraction_adjusted" in s:

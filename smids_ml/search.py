@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Search:
             trial.set_user_attr(key, value)
         lengths = rung_epochs(cfg.epochs, self.eta, self.rungs)
         if len(lengths) == 1:
+            trial.set_user_attr(EPOCHS_ATTR, cfg.epochs)  # what its line says when no epoch is reported
             return self.train(trial, cfg, report_epochs=not self.halving)
         carried = carry(trial, self.eta)
         for rung, epochs in enumerate(lengths):
@@ -100,7 +102,7 @@ class Search:
                     raise optuna.TrialPruned(f"{cfg.monitor} {metrics[cfg.monitor]:.4f} at epoch {epoch}")
 
             try:
-                value, network = self.score(cfg, [report] if report_epochs else [])
+                value, network = self.score(cfg, [report] if report_epochs else [], tags)
             except optuna.TrialPruned as pruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 stopped = pruned  # raised once the run has ended FINISHED: a pruned run keeps its metrics
@@ -123,9 +125,11 @@ class Search:
             raise stopped
         return value
 
-    def score(self, cfg: TrainConfig, callbacks: list) -> tuple[float, torch.nn.Module | None]:
+    def score(self, cfg: TrainConfig, callbacks: list,
+              tags: dict | None = None) -> tuple[float, torch.nn.Module | None]:
         """In the trial's run: its value and the network to keep. Ranked on the split, one training. Ranked by folds,
-        one nested run per fold and the mean of their best metrics, `fold_K_<monitor>` for each (no one network to
+        one nested run per fold (carrying the trial run's `tags`, so a search for the defaults trial's runs finds its
+        folds' curves too) and the mean of their best metrics, `fold_K_<monitor>` for each (no one network to
         keep); only the first fold reports its epochs to the pruner: every trial's first fold is the same, so an
         epoch pruner compares like with like, at a fraction of a trial's cost."""
         if not self.folds:
@@ -136,7 +140,8 @@ class Search:
         mlflow.set_tags(tracking.process_tags())
         best = []
         for k, part in enumerate(self.folds):
-            with mlflow.start_run(run_name=f"fold {k + 1}/{len(self.folds)}", nested=True, tags={"fold": str(k)}):
+            with mlflow.start_run(run_name=f"fold {k + 1}/{len(self.folds)}", nested=True,
+                                  tags={**(tags or {}), "fold": str(k)}):
                 try:
                     result = run_training(cfg, part, callbacks=callbacks if k == 0 else [], log_model=False)
                 except (optuna.TrialPruned, Diverged) as exc:  # the fold's run ends FINISHED, as a pruned trial's
@@ -168,7 +173,7 @@ def echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     value = "" if trial.value is None else f" {trial.value:.4f}"
     rung = trial.user_attrs.get(RUNG_TAG)
     where = (f"at rung {rung} ({trial.user_attrs.get(EPOCHS_ATTR)} epochs)" if rung is not None
-             else f"after {len(trial.intermediate_values)} epochs")
+             else f"after {len(trial.intermediate_values) or trial.user_attrs.get(EPOCHS_ATTR, 0)} epochs")
     click.echo(f"trial {trial.number} {trial.state.name}{value} {where}: {trial.params}", err=True)
 
 
@@ -245,8 +250,12 @@ def log_study(study: optuna.Study, monitor: str) -> None:
     for name, plot in figures.items():
         stop_if_signalled()  # an interrupted study exits now; the next run of it draws the figures
         try:
-            axes = plot(study)
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances with one varying param
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # a stable API for years
+                warnings.filterwarnings("ignore", "Attempting to set identical")  # a param that took one value
+                warnings.filterwarnings("error", "Target and region quantiles")  # equal importances: say so, no figure
+                axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError, UserWarning) as exc:  # e.g. importances of alike trials
             click.echo(f"skipped figure {name}: {exc}", err=True)
             continue
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure

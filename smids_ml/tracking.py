@@ -122,6 +122,8 @@ def log_dataset(dataset: Dataset, context: str) -> None:
     on the same data): the manifest, named by the data root or the labels table and its column, with the data
     fingerprint (images by pixel hash, labels, split) as digest and the folder or table as source."""
     frame = dataset.manifest[[c for c in MANIFEST_COLUMNS if c in dataset.manifest]]
+    # sizes as floats: an integer column draws MLflow's long hint about missing values on every run
+    frame = frame.astype({c: "float64" for c in frame.select_dtypes("integer").columns})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")  # MLflow's own duplicate
         data = mlflow.data.from_pandas(frame, source=str(dataset.source), targets="label", name=dataset.name,

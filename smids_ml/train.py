@@ -24,13 +24,12 @@ from smids_ml import SmidsError
 from smids_ml import plots, tracking, transfer
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
-from smids_ml.config import MODELS, TrainConfig, config_options
-from smids_ml.console import Command, steps, stop_if_signalled, stops_cleanly
+from smids_ml.config import MODELS, TRAIN_EXPERIMENT as DEFAULT_EXPERIMENT, TrainConfig
+from smids_ml.console import steps, stop_if_signalled
 from smids_ml.data import Dataset, load_tensors, make_batches, prepare_data
 from smids_ml.engine import History, fit, predict_proba, resolve_device, resolve_precision, seed_everything
 from smids_ml.models import build_for, count_parameters
 
-DEFAULT_EXPERIMENT = "smids-ml"
 
 
 @dataclass
@@ -194,31 +193,8 @@ def train_members(configs: list[TrainConfig], dataset: Dataset, recipes: list[st
                        networks=[r.network for r in results])
 
 
-@click.command("train", cls=Command)
-@config_options()
-@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
-@click.option("--run-name", default=None, help="MLflow run name.")
-@click.option("--register-as", default=None, help="Register the model under this name in the model registry (with "
-                                                 "several --label-column columns, one model each as NAME-<column>).")
-@click.option("--alias", default=None, help="Alias to point at the registered version (e.g. champion).")
-@click.option("--members", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train this many models (seeds --seed, --seed+1, ...) on the same split and log them as one "
-                   "model that averages their probabilities; K times the training time.")
-@click.option("--member-models", default="",
-              help="Comma-separated architectures (e.g. smids_resnet,mobilenet_v3_small): --members seeds of each, "
-                   "logged as one averaging model. Default: --model only.")
-@click.option("--member-recipes", default="",
-              help="Comma-separated recipes, each a preset with optional +field=value overrides (e.g. "
-                   "default+tta=d4,fast): --members seeds of each, on this command's "
-                   "data, split, seed and device, logged as one averaging model; each member keeps its own input "
-                   "size. Training flags go in the recipes.")
-@stops_cleanly("the run is marked FAILED")
-def main(experiment, run_name, register_as, alias, members, member_models, member_recipes, **options):
-    """Train one model (or an ensemble of --members; or one per --label-column) on a folder of class folders or a
-    labels table, and log everything to MLflow."""
-    cfg = transfer.checked_config(options)
-    if alias and not register_as:
-        raise SmidsError("--alias needs --register-as")
+def run(cfg: TrainConfig, experiment, run_name, register_as, alias, members, member_models, member_recipes) -> None:
+    """What `smids-ml train` does once its flags are checked (`commands.train`): train, then one line a model."""
     models = [m.strip() for m in member_models.split(",") if m.strip()]
     recipes = [r.strip() for r in member_recipes.split(",") if r.strip()]
     options = dict(members=members, member_models=models, member_recipes=recipes)
@@ -242,6 +218,9 @@ def main(experiment, run_name, register_as, alias, members, member_models, membe
             name = f"{register_as}-{column}" if len(results) > 1 else register_as
             click.echo(f"registered models:/{name}/{result.version}" + (f" (@{alias})" if alias else ""))
 
+
+
+from smids_ml.commands import train as main  # noqa: E402  (`python -m smids_ml.train`, the MLproject's entry)
 
 if __name__ == "__main__":
     main()

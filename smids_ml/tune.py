@@ -29,7 +29,7 @@ from smids_ml import SmidsError, tracking
 from smids_ml import finalists as final
 from smids_ml.adapt import adapt
 from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
-from smids_ml.config import TrainConfig, config_options
+from smids_ml.config import FiniteFloat, TrainConfig, config_options
 from smids_ml.console import Command, stops_cleanly
 from smids_ml.data import prepare_data
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
@@ -222,7 +222,8 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
               help=f"Named search space ({', '.join(SPACES)}) or a YAML/JSON file.")
 @click.option("--n-trials", type=click.IntRange(min=0), default=None,
               help=f"Trials to run (0 or unset: the whole grid, or {DEFAULT_TPE_TRIALS} for tpe/random).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after this many seconds (0: none).")
+@click.option("--timeout", type=FiniteFloat(min=0), default=None,
+              help="Stop starting trials after this many seconds (0: none).")
 @click.option("--pruner", type=click.Choice(["halving", "median", "hyperband", "none"]), default="halving",
               show_default=True,
               help="halving: successive halving over --rungs of complete, compressed schedules (epochs/eta², "
@@ -260,7 +261,7 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
 @click.option("--refit", type=click.Choice(["model", "ensemble"]), default="model", show_default=True,
               help="What the winning finalist registers: model, trained again on the whole training part (no "
                    "carve-out, full schedule); ensemble, its fold models as one averaging model (no more training).")
-@click.option("--budget", type=click.FloatRange(min=0), default=DEFAULT_BUDGET_MINUTES, show_default=True,
+@click.option("--budget", type=FiniteFloat(min=0), default=DEFAULT_BUDGET_MINUTES, show_default=True,
               help="Minutes for the whole study on this machine (tpe, random): plans the trials, rungs, finalists and "
                    "folds that fit it from a measured training epoch, and stops starting trials when the search's "
                    "share is spent; --n-trials and --finalists/--folds are then maxima (0: no plan).")

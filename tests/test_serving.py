@@ -152,21 +152,24 @@ def proxy(server, tmp_path_factory):
         stop(process)
 
 
-def raw_post_status(url: str, body: bytes) -> int:
-    """POST a body to /invocations and return the status, even when the server answers before reading it all."""
+def raw_post(url: str, body: bytes, content_type: str | None = "application/json") -> tuple[int, str]:
+    """POST a body to /invocations with this Content-Type (None: no such header) and return the status and the
+    answer, even when the server answers before reading the body."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.putrequest("POST", "/invocations")
-    connection.putheader("Content-Type", "application/json")
+    if content_type:
+        connection.putheader("Content-Type", content_type)
     connection.putheader("Content-Length", str(len(body)))
     connection.endheaders()
     try:
         connection.send(body)
     except (BrokenPipeError, ConnectionResetError):
         pass
-    status = connection.getresponse().status
+    response = connection.getresponse()
+    status, text = response.status, response.read().decode(errors="replace")
     connection.close()
-    return status
+    return status, text
 
 
 def test_the_proxy_refuses_an_oversize_body_and_passes_good_requests(proxy, images):
@@ -176,8 +179,23 @@ def test_the_proxy_refuses_an_oversize_body_and_passes_good_requests(proxy, imag
     np.testing.assert_allclose(pd.DataFrame(answer["predictions"])[list(SMIDS_CLASSES)],
                                expected[list(SMIDS_CLASSES)], atol=1e-5)
     oversize = b'{"inputs": {"image": ["' + b"A" * (33 * 1024 * 1024) + b'"]}}'
-    assert raw_post_status(proxy, oversize) == 413
+    assert raw_post(proxy, oversize)[0] == 413
     assert post(proxy, payload("inputs", encoded[:1]))[0] == 200  # and it keeps serving
+
+
+def test_the_proxy_answers_a_wrong_content_type_415_and_names_the_500_of_a_deeply_nested_body(proxy, server, images):
+    """MLflow's own scoring server answers both with a bare 500 (its FastAPI app, not this project's code to change):
+    the proxy in front says what went wrong instead, and keeps serving."""
+    body = json.dumps(payload("inputs", images[0][:1])).encode()
+    deep = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    assert raw_post(server, body, None)[0] == 500 and raw_post(server, deep)[0] == 500  # what the proxy replaces
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded"):
+        status, text = raw_post(proxy, body, content_type)
+        assert status == 415 and "Content-Type: application/json" in json.loads(text)["message"], (content_type, text)
+    assert raw_post(proxy, body, "application/json; charset=utf-8")[0] == 200
+    status, text = raw_post(proxy, deep)
+    assert status == 500 and "nested too deeply" in json.loads(text)["message"], text
+    assert post(proxy, payload("inputs", images[0][:1]))[0] == 200
 
 
 def test_the_served_model_answers_wide_images_as_their_8bit_twins(server, tmp_path):
