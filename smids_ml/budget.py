@@ -27,7 +27,7 @@ import torch
 from smids_ml import SmidsError
 from smids_ml.adapt import adapt
 from smids_ml.compute import training_flops
-from smids_ml.config import TrainConfig
+from smids_ml.config import DEFAULT_BUDGET_MINUTES, TrainConfig
 from smids_ml.data import Dataset, load_tensors, make_batches
 from smids_ml.engine import make_optimizer, predict_proba, resolve_device, resolve_precision, train_one_epoch
 from smids_ml.models import build_for
@@ -35,7 +35,6 @@ from smids_ml.ranking import SPLIT, Ranking
 from smids_ml.spaces import SCALES, base_value, configure
 from smids_ml.studies import RUN_ID_ATTR
 
-DEFAULT_BUDGET_MINUTES = 240  # an afternoon
 MAX_PLANNED_TRIALS = 200  # on a tiny data set a budget would allow thousands
 
 

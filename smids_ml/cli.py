@@ -13,7 +13,7 @@ COMMANDS = {
     "synth": ("smids_ml.synth", "main", "Write a synthetic SMIDS-like data set (for tests and demos)."),
     "explore": ("smids_ml.explore", "main", "Summarise a data root and log the report to MLflow."),
     "train": ("smids_ml.commands", "train", "Train one model and log it to MLflow."),
-    "tune": ("smids_ml.tune", "main", "Search hyperparameters with Optuna; register the best model."),
+    "tune": ("smids_ml.commands", "tune", "Search hyperparameters with Optuna; register the best model."),
     "pretrain": ("smids_ml.pretrain", "main", "Pretrain a network on unlabelled crops (SimCLR) for train --init-from."),
     "evaluate": ("smids_ml.evaluate", "main", "Evaluate a logged model on its test split or any labelled folder."),
     "compare": ("smids_ml.evaluate", "compare", "Tabulate the latest test metrics of several models."),

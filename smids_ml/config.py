@@ -36,6 +36,21 @@ class FiniteFloat(click.FloatRange):
 
 
 TRAIN_EXPERIMENT, CV_EXPERIMENT = "smids-ml", "smids-ml-cv"  # the commands' default MLflow experiments
+
+# tune's defaults and choices live here, not in the modules that use them (budget, ranking, rungs, studies, spaces,
+# tune), so that its flags are checked before Optuna, torch and MLflow load
+# Trials are ranked, pruned and early-stopped on validation, so tune carves one even where train's default does not.
+TUNE_DEFAULTS = {"valid_frac": 0.15}
+SPACE_NAMES = ("initial-grid", "improved-grid", "broad")  # spaces.SPACES, in this order (a test holds them equal)
+DEFAULT_TPE_TRIALS = 20
+DEFAULT_FINALISTS, DEFAULT_FOLDS = 3, 5
+DEFAULT_BUDGET_MINUTES = 240  # an afternoon
+DEFAULT_RUNGS, DEFAULT_ETA = 3, 3
+RANKINGS = ("auto", "split", "folds")
+MIN_VALID_CROPS = 150  # from here a validation part ranks trials to within ~3 points of accuracy (one SE at 85%)
+DEFAULT_RANKING_FOLDS = 3
+JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
+HEARTBEAT_SECONDS = 30
 MODELS = ("smids_resnet", "simple_cnn", "improved_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
 MONITORS = ("valid_f1", "valid_acc", "valid_loss")

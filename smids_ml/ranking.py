@@ -17,12 +17,10 @@ import numpy as np
 import optuna
 
 from smids_ml import SmidsError
+from smids_ml.config import MIN_VALID_CROPS
 from smids_ml.data import Dataset, assign_folds
 from smids_ml.finalists import part_ratio, training_part
 
-MIN_VALID_CROPS = 150  # from here a validation part ranks trials to within ~3 points of accuracy (one SE at 85%)
-DEFAULT_RANKING_FOLDS = 3
-RANKINGS = ("auto", "split", "folds")
 RANKING_ATTR = "smids_ml.ranking"  # study attr: `split` or `K-fold`, so a resumed study keeps ranking the same way
 
 

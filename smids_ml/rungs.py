@@ -16,12 +16,12 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from smids_ml.config import DEFAULT_ETA
 from smids_ml.optuna_internals import mark_rung_passed
 
 RUNGS_ATTR = "smids_ml.rungs"  # trial attr: {rung: {"value", "run_id", "epochs"}} of the rungs it was promoted from
 RUNG_TAG = "smids_ml.rung"  # child-run tag and trial attr: the rung a run trained (0 = the shortest schedule)
 EPOCHS_ATTR = "smids_ml.epochs"  # trial attr: the epochs of its latest rung
-DEFAULT_RUNGS, DEFAULT_ETA = 3, 3
 
 
 def rung_epochs(epochs: int, eta: int, rungs: int) -> list[int]:

@@ -21,12 +21,12 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from smids_ml import tracking
-from smids_ml.config import TrainConfig
+from smids_ml.config import DEFAULT_ETA, TrainConfig
 from smids_ml.console import stop_if_signalled
 from smids_ml.data import Dataset
 from smids_ml.engine import Diverged
 from smids_ml.optuna_internals import heartbeat
-from smids_ml.rungs import (DEFAULT_ETA, EPOCHS_ATTR, RUNG_TAG, RUNGS_ATTR, carry, record, rung_epochs,
+from smids_ml.rungs import (EPOCHS_ATTR, RUNG_TAG, RUNGS_ATTR, carry, record, rung_epochs,
                             rungs_of_failed, step_of)
 from smids_ml.spaces import configure, suggest
 from smids_ml.studies import (DEFAULTS_ATTR, GRID_ATTR, RUN_ID_ATTR, best_trial, fail_stale_trials, next_grid_point,
@@ -253,9 +253,9 @@ def log_study(study: optuna.Study, monitor: str) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # a stable API for years
                 warnings.filterwarnings("ignore", "Attempting to set identical")  # a param that took one value
-                warnings.filterwarnings("error", "Target and region quantiles")  # equal importances: say so, no figure
+                warnings.filterwarnings("ignore", "Target and region quantiles")  # few trials: importances are rough
                 axes = plot(study)
-        except (ValueError, RuntimeError, ZeroDivisionError, UserWarning) as exc:  # e.g. importances of alike trials
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances of alike trials
             click.echo(f"skipped figure {name}: {exc}", err=True)
             continue
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure

@@ -19,13 +19,11 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from smids_ml import SmidsError, tracking
-from smids_ml.config import TrainConfig
-from smids_ml.rungs import DEFAULT_ETA, RUNGS_ATTR, RungPruner
+from smids_ml.config import DEFAULT_ETA, HEARTBEAT_SECONDS, JOURNAL, TrainConfig
+from smids_ml.rungs import RUNGS_ATTR, RungPruner
 from smids_ml.spaces import ADDED_LATER, base_value, configure, grid_of, point_outside
 
-JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
 RUN_ID_ATTR = "mlflow_run_id"
-HEARTBEAT_SECONDS = 30
 MAX_FAILURES = 2  # a grid point that failed twice is not tried again (a failure is retried once)
 GRID_ATTR = "grid_point"  # the grid point a trial runs, set when it is created, before any value is suggested
 DEFAULTS_ATTR = "smids_ml.defaults"  # the trial (and child-run tag) that runs the base configuration itself

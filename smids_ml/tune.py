@@ -28,27 +28,22 @@ from mlflow import MlflowClient
 from smids_ml import SmidsError, tracking
 from smids_ml import finalists as final
 from smids_ml.adapt import adapt
-from smids_ml.budget import DEFAULT_BUDGET_MINUTES, plan, replan_finalists
-from smids_ml.config import FiniteFloat, TrainConfig, config_options
-from smids_ml.console import Command, stops_cleanly
+from smids_ml.budget import plan, replan_finalists
+from smids_ml.config import (DEFAULT_ETA, DEFAULT_FINALISTS, DEFAULT_FOLDS, DEFAULT_RANKING_FOLDS, DEFAULT_RUNGS,
+                             DEFAULT_TPE_TRIALS, HEARTBEAT_SECONDS, TrainConfig)
 from smids_ml.data import prepare_data
 from smids_ml.promotion import CHALLENGER, promote_best, register_challenger
-from smids_ml.ranking import (DEFAULT_RANKING_FOLDS, MIN_VALID_CROPS, RANKING_ATTR, RANKINGS, SPLIT, Ranking,
-                              choose_ranking, fold_parts, keep_ranking)
-from smids_ml.rungs import DEFAULT_ETA, DEFAULT_RUNGS, rung_epochs
+from smids_ml.ranking import RANKING_ATTR, SPLIT, Ranking, choose_ranking, fold_parts, keep_ranking
+from smids_ml.rungs import rung_epochs
 from smids_ml.search import Search, echo_trial, log_study, run_grid
-from smids_ml.spaces import SPACES, grid_of, grid_size, load_space
-from smids_ml.studies import (HEARTBEAT_SECONDS, JOURNAL, RUN_ID_ATTR, best_trial, check_same_space, default_storage,
+from smids_ml.spaces import grid_of, grid_size, load_space
+from smids_ml.studies import (RUN_ID_ATTR, best_trial, check_same_space, default_storage,
                               enqueue_defaults, fail_stale_trials, make_pruner, make_sampler, open_storage,
                               ranked_trials, retry_failed, run_exists, study_lock)
 from smids_ml.train import DEFAULT_EXPERIMENT
-from smids_ml.transfer import MUST_MATCH, checked_config
+from smids_ml.transfer import MUST_MATCH
 
-DEFAULT_TPE_TRIALS = 20
-# Trials are ranked, pruned and early-stopped on validation, so tune carves one even where train's default does not.
-TUNE_DEFAULTS = {"valid_frac": 0.15}
 PARENT_ATTR = "mlflow_parent_run_id"
-DEFAULT_FINALISTS, DEFAULT_FOLDS = 3, 5
 
 
 def tune(base: TrainConfig, space_name: str | dict, sampler: str = "tpe", n_trials: int | None = None,
@@ -216,70 +211,10 @@ def finalize(study: optuna.Study, search: Search, count: int, folds: int, refit:
     return version
 
 
-@click.command("tune", cls=Command)
-@click.option("--sampler", type=click.Choice(["grid", "tpe", "random"]), default="tpe", show_default=True)
-@click.option("--space", default="broad", show_default=True,
-              help=f"Named search space ({', '.join(SPACES)}) or a YAML/JSON file.")
-@click.option("--n-trials", type=click.IntRange(min=0), default=None,
-              help=f"Trials to run (0 or unset: the whole grid, or {DEFAULT_TPE_TRIALS} for tpe/random).")
-@click.option("--timeout", type=FiniteFloat(min=0), default=None,
-              help="Stop starting trials after this many seconds (0: none).")
-@click.option("--pruner", type=click.Choice(["halving", "median", "hyperband", "none"]), default="halving",
-              show_default=True,
-              help="halving: successive halving over --rungs of complete, compressed schedules (epochs/eta², "
-                   "epochs/eta, epochs), the best 1/eta of each rung promoted; median, hyperband: stop a training "
-                   "at an early epoch; none.")
-@click.option("--rungs", type=click.IntRange(min=1), default=DEFAULT_RUNGS, show_default=True,
-              help="Rungs of --pruner halving; the last trains the recipe's full --epochs.")
-@click.option("--eta", type=click.IntRange(min=2), default=DEFAULT_ETA, show_default=True,
-              help="Reduction factor of --pruner halving: each rung is eta times longer and keeps 1/eta of the trials.")
-@click.option("--pruner-startup-trials", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Trials that complete before the median pruner starts pruning.")
-@click.option("--pruner-warmup-epochs", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Epochs of every trial that are never pruned.")
-@click.option("--study-name", default=None, help="Optuna study name (default: SPACE-SAMPLER); reuse it to resume.")
-@click.option("--storage", default=None,
-              help=f"Optuna storage URL or journal file [default: {JOURNAL} beside a SQLite tracking store].")
-@click.option("--register-as", default="best", show_default=True, help="Registered model name for the best trial.")
-@click.option("--alias", default="champion", show_default=True,
-              help="Alias of the name's best model. The study's best is registered as @challenger; this alias moves "
-                   "to it when the name has none yet, when it beats the holder's validation metric on the same data, "
-                   "or with --promote.")
-@click.option("--promote", type=click.BOOL, is_flag=False, flag_value=True, default=False, show_default=True,
-              help="Move --alias to this study's best whatever the comparison says.")
-@click.option("--heartbeat", type=click.IntRange(min=1), default=HEARTBEAT_SECONDS, show_default=True,
-              help="Seconds between a worker's heartbeats on a database storage; a trial whose worker misses three "
-                   "is failed and run again by another worker.")
-@click.option("--ensemble-top", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Register the ensemble of the best K trials (sharing the best's input size and colour mode): "
-                   "one model that averages their probabilities.")
-@click.option("--finalists", type=click.IntRange(min=0), default=DEFAULT_FINALISTS, show_default=True,
-              help="Cross-validate the best N trials (and the defaults trial) on the same folds of the training part, "
-                   "and refit and register the winner by mean (0: register the best trial's own weights).")
-@click.option("--folds", type=click.IntRange(min=2), default=DEFAULT_FOLDS, show_default=True,
-              help="Folds of the finalists' cross-validation.")
-@click.option("--refit", type=click.Choice(["model", "ensemble"]), default="model", show_default=True,
-              help="What the winning finalist registers: model, trained again on the whole training part (no "
-                   "carve-out, full schedule); ensemble, its fold models as one averaging model (no more training).")
-@click.option("--budget", type=FiniteFloat(min=0), default=DEFAULT_BUDGET_MINUTES, show_default=True,
-              help="Minutes for the whole study on this machine (tpe, random): plans the trials, rungs, finalists and "
-                   "folds that fit it from a measured training epoch, and stops starting trials when the search's "
-                   "share is spent; --n-trials and --finalists/--folds are then maxima (0: no plan).")
-@click.option("--ranking", type=click.Choice(RANKINGS), default="auto", show_default=True,
-              help="How trials are ranked: split, by --monitor on the validation part; folds, by its mean over "
-                   "--ranking-folds folds of the training part (train and valid rows), on the same folds for every "
-                   f"trial, each trial costing that many models; auto, folds when the validation part holds fewer "
-                   f"than {MIN_VALID_CROPS} crops, where one split ranks trials mostly by noise.")
-@click.option("--ranking-folds", type=click.IntRange(min=2), default=DEFAULT_RANKING_FOLDS, show_default=True,
-              help="Folds of --ranking folds.")
-@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
-@config_options(TUNE_DEFAULTS)
-@stops_cleanly("the running trial is marked FAIL and its run FAILED; run the same command again to resume")
-def main(sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_trials, pruner_warmup_epochs, study_name,
-         storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, budget, ranking,
-         ranking_folds, experiment, **options):
-    """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
-    base = checked_config(options, TUNE_DEFAULTS)
+def run(base: TrainConfig, sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_trials,
+        pruner_warmup_epochs, study_name, storage, register_as, alias, promote, heartbeat, ensemble_top, finalists,
+        folds, refit, budget, ranking, ranking_folds, experiment) -> None:
+    """What `smids-ml tune` does once its flags are checked (`commands.tune`): the study, then its summary."""
     study, version = tune(base, space, sampler, n_trials or None, timeout or None, pruner, study_name or None,
                           storage or None, register_as or None, alias or None, experiment,
                           pruner_startup_trials, pruner_warmup_epochs, ensemble_top, promote, heartbeat,
@@ -291,6 +226,9 @@ def main(sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_t
         click.echo(f"best trial {best.number}: {base.monitor} {best.value:.4f} with {best.params}")
     if version is not None:
         click.echo(f"registered models:/{register_as}/{version.version} (@{CHALLENGER})")
+
+
+from smids_ml.commands import tune as main  # noqa: E402  (`python -m smids_ml.tune`, the MLproject's entry)
 
 
 if __name__ == "__main__":

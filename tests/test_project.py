@@ -57,11 +57,18 @@ def test_mlproject_train_parameters_are_trainconfig_fields_with_the_same_default
 
 
 def test_mlproject_tune_defaults_are_the_tune_commands_own():
-    from smids_ml.tune import TUNE_DEFAULTS
+    from smids_ml.config import TUNE_DEFAULTS
 
     params = mlproject()["entry_points"]["tune"]["parameters"]
     for name, default in TUNE_DEFAULTS.items():
         assert params[name]["default"] == default, name
+
+
+def test_the_tune_commands_space_names_are_the_spaces():
+    from smids_ml.config import SPACE_NAMES
+    from smids_ml.spaces import SPACES
+
+    assert SPACE_NAMES == tuple(SPACES)
 
 
 def test_every_entry_point_command_parses_with_its_defaults():

@@ -42,7 +42,7 @@ def nothing_stored(experiment, storage=None):
 # --------------------------------------------------------------------------- rows 1-4, 6-9: refused before any run
 
 
-def test_row1_a_label_column_named_twice_is_refused(tracking, synth_table):
+def test_a_label_column_named_twice_is_refused(tracking, synth_table):
     table = synth_table / "labels.csv"
     result = invoke(["train", "--data", str(synth_table), "--labels", str(table), "--label-column", "shape,shape",
                      "--register-as", "md", "--experiment", tracking, *FLAGS])
@@ -50,7 +50,7 @@ def test_row1_a_label_column_named_twice_is_refused(tracking, synth_table):
     assert nothing_stored(tracking)
 
 
-def test_row2_the_split_column_as_the_label_column_is_refused(tracking, synth_table):
+def test_the_split_column_as_the_label_column_is_refused(tracking, synth_table):
     table = synth_table / "labels.csv"
     result = invoke(["train", "--data", str(synth_table), "--labels", str(table), "--label-column", "split",
                      "--split-column", "split", "--experiment", tracking, *FLAGS])
@@ -58,7 +58,7 @@ def test_row2_the_split_column_as_the_label_column_is_refused(tracking, synth_ta
     assert nothing_stored(tracking)
 
 
-def test_row3_a_class_found_only_in_the_test_rows_is_refused(tracking, synth_table, tmp_path):
+def test_a_class_found_only_in_the_test_rows_is_refused(tracking, synth_table, tmp_path):
     def only_held_out(rows):  # the table has train and valid rows; its valid rows are the test part
         held_out = [i for i, row in enumerate(rows) if ",valid," in row][:3]
         return [row.replace(",valid,normal,", ",valid,z,").replace(",valid,abnormal,", ",valid,z,")
@@ -75,7 +75,7 @@ def test_row3_a_class_found_only_in_the_test_rows_is_refused(tracking, synth_tab
 @pytest.mark.parametrize("flags", [["--timeout", "nan"], ["--timeout", "inf"], ["--budget", "nan"],
                                    ["--budget", "inf"]], ids=["row4-timeout-nan", "timeout-inf", "row8-budget-nan",
                                                               "row9-budget-inf"])
-def test_rows4_8_9_tune_refuses_a_number_that_is_not_finite(synth_data, tracking, tmp_path, flags):
+def test_tune_refuses_a_number_that_is_not_finite(synth_data, tracking, tmp_path, flags):
     storage = tmp_path / "optuna.journal"
     result = invoke(["tune", "--data", str(synth_data), "--experiment", tracking, "--storage", str(storage),
                      *FLAGS, *flags])
@@ -83,7 +83,7 @@ def test_rows4_8_9_tune_refuses_a_number_that_is_not_finite(synth_data, tracking
     assert nothing_stored(tracking, storage)
 
 
-def test_row6_cv_refuses_a_split_column_it_would_ignore(tracking, synth_table):
+def test_cv_refuses_a_split_column_it_would_ignore(tracking, synth_table):
     table = synth_table / "labels.csv"
     result = invoke(["cv", "--data", str(synth_table), "--labels", str(table), "--label-column", "debris",
                      "--split-column", "split", "--folds", "2", "--experiment", tracking, *FLAGS])
@@ -91,7 +91,7 @@ def test_row6_cv_refuses_a_split_column_it_would_ignore(tracking, synth_table):
     assert nothing_stored(tracking)
 
 
-def test_row7_explore_refuses_a_table_with_no_rows_as_train_does(tracking, synth_table, tmp_path):
+def test_explore_refuses_a_table_with_no_rows_as_train_does(tracking, synth_table, tmp_path):
     root, table = table_copy(synth_table, tmp_path, lambda rows: [])
     for command in (["explore", str(root)], ["train", "--data", str(root), *FLAGS]):
         result = invoke([*command, "--labels", str(table), "--label-column", "shape", "--experiment", tracking])
@@ -111,7 +111,7 @@ def test_explore_refuses_a_folder_with_no_readable_image(tracking, tmp_path):
 # --------------------------------------------------------------------------- row 5: the truth where a person looks
 
 
-def test_row5_report_says_how_many_crops_could_not_be_read_and_lists_them(trained_model, synth_data, tracking,
+def test_report_says_how_many_crops_could_not_be_read_and_lists_them(trained_model, synth_data, tracking,
                                                                           tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -133,7 +133,7 @@ def test_row5_report_says_how_many_crops_could_not_be_read_and_lists_them(traine
 # --------------------------------------------------------------------------- row 13: the defaults trial, folds
 
 
-def test_row13_every_run_of_the_defaults_trial_is_tagged_when_trials_are_ranked_by_folds(tracking, synth_data,
+def test_every_run_of_the_defaults_trial_is_tagged_when_trials_are_ranked_by_folds(tracking, synth_data,
                                                                                          tmp_path):
     space = tmp_path / "lr.yaml"
     space.write_text("params:\n  lr: {low: 0.0005, high: 0.005, log: true}\n")
@@ -207,7 +207,7 @@ db.execute("COMMIT")
 """
 
 
-def test_row10_sigterm_while_another_process_writes_the_sqlite_store_fails_the_run_in_one_line(synth_data, tmp_path):
+def test_sigterm_while_another_process_writes_the_sqlite_store_fails_the_run_in_one_line(synth_data, tmp_path):
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
@@ -286,12 +286,14 @@ def test_train_and_tune_print_no_library_warnings(synth_data, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["train", "--lr", "nan"], ["train", "--dropout-rate", "2"], ["train", "--alias", "x"],
-                                  ["cv", "--folds", "1"], ["cv", "--split-column", "split"], ["train", "--help"]])
-def test_a_train_or_cv_flag_is_checked_before_torch_and_mlflow_load(args):
+                                  ["cv", "--folds", "1"], ["cv", "--split-column", "split"], ["train", "--help"],
+                                  ["tune", "--timeout", "nan"], ["tune", "--budget", "inf"], ["tune", "--lr", "nan"],
+                                  ["tune", "--sampler", "bogus"], ["tune", "--help"]])
+def test_a_train_cv_or_tune_flag_is_checked_before_torch_and_mlflow_load(args):
     """How fast is benchmarks/bench_cli.py's; here, that the refusal (or the help) needs neither library."""
     code = ("import sys; from click.testing import CliRunner; from smids_ml.cli import main; "
             f"result = CliRunner().invoke(main, {args!r}); "
-            "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, result.output; "
+            "assert not {'torch', 'mlflow', 'optuna'} & set(sys.modules), result.output; "
             "print(result.exit_code, result.output)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -169,7 +169,7 @@ def config_of(args: list[str]) -> TrainConfig:
 
 
 def test_tune_carves_a_validation_split_unless_a_preset_or_flag_says_otherwise(monkeypatch):
-    from smids_ml.tune import TUNE_DEFAULTS
+    from smids_ml.config import TUNE_DEFAULTS
     from smids_ml.tune import main as tune_command
 
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
