@@ -102,7 +102,8 @@ class Search:
                     raise optuna.TrialPruned(f"{cfg.monitor} {metrics[cfg.monitor]:.4f} at epoch {epoch}")
 
             try:
-                value, network = self.score(cfg, [report] if report_epochs else [], tags)
+                fold_tags = {DEFAULTS_ATTR: tags[DEFAULTS_ATTR]} if DEFAULTS_ATTR in tags else {}
+                value, network = self.score(cfg, [report] if report_epochs else [], fold_tags)
             except optuna.TrialPruned as pruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 stopped = pruned  # raised once the run has ended FINISHED: a pruned run keeps its metrics
@@ -126,10 +127,10 @@ class Search:
         return value
 
     def score(self, cfg: TrainConfig, callbacks: list,
-              tags: dict | None = None) -> tuple[float, torch.nn.Module | None]:
+              fold_tags: dict | None = None) -> tuple[float, torch.nn.Module | None]:
         """In the trial's run: its value and the network to keep. Ranked on the split, one training. Ranked by folds,
-        one nested run per fold (carrying the trial run's `tags`, so a search for the defaults trial's runs finds its
-        folds' curves too) and the mean of their best metrics, `fold_K_<monitor>` for each (no one network to
+        one nested run per fold (tagged with `fold_tags`: the defaults trial's mark, so a search for its runs finds
+        its folds' curves too; a fold is not a trial, so not `optuna.trial`) and the mean of their best metrics, `fold_K_<monitor>` for each (no one network to
         keep); only the first fold reports its epochs to the pruner: every trial's first fold is the same, so an
         epoch pruner compares like with like, at a fraction of a trial's cost."""
         if not self.folds:
@@ -141,7 +142,7 @@ class Search:
         best = []
         for k, part in enumerate(self.folds):
             with mlflow.start_run(run_name=f"fold {k + 1}/{len(self.folds)}", nested=True,
-                                  tags={**(tags or {}), "fold": str(k)}):
+                                  tags={**(fold_tags or {}), "fold": str(k)}):
                 try:
                     result = run_training(cfg, part, callbacks=callbacks if k == 0 else [], log_model=False)
                 except (optuna.TrialPruned, Diverged) as exc:  # the fold's run ends FINISHED, as a pruned trial's

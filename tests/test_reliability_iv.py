@@ -15,6 +15,7 @@ import time
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 
 from smids_ml.studies import open_storage
@@ -148,11 +149,16 @@ def test_every_run_of_the_defaults_trial_is_tagged_when_trials_are_ranked_by_fol
     study = optuna.load_study(study_name="folds", storage=open_storage(str(storage)))
     assert study.trials[0].user_attrs["smids_ml.defaults"]
     runs = mlflow.search_runs(experiment_names=[tracking])
-    trial_runs = runs[runs["tags.optuna.trial"] == "0"]
-    folds = trial_runs[trial_runs["tags.mlflow.runName"].str.startswith("fold ")]
-    assert len(trial_runs) == 3 and len(folds) == 2, runs[["tags.mlflow.runName", "tags.optuna.trial"]]
-    assert (trial_runs["tags.smids_ml.defaults"] == "true").all()
-    assert not (runs[runs["tags.optuna.trial"] == "1"]["tags.smids_ml.defaults"] == "true").any()
+
+    def trial_and_folds(number: str):
+        trial = runs[runs["tags.optuna.trial"] == number]
+        return pd.concat([trial, runs[runs["tags.mlflow.parentRunId"].isin(trial["run_id"])]])
+
+    defaults, other = trial_and_folds("0"), trial_and_folds("1")
+    folds = defaults[defaults["tags.mlflow.runName"].str.startswith("fold ")]
+    assert len(defaults) == 3 and len(folds) == 2, runs[["tags.mlflow.runName", "tags.optuna.trial"]]
+    assert (defaults["tags.smids_ml.defaults"] == "true").all()
+    assert len(other) == 3 and not (other["tags.smids_ml.defaults"] == "true").any()
 
 
 # --------------------------------------------------------------------------- messages
