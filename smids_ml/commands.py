@@ -17,6 +17,15 @@ from smids_ml.config import (CV_EXPERIMENT, DEFAULT_BUDGET_MINUTES, DEFAULT_ETA,
 from smids_ml.console import Command, stops_cleanly
 
 
+def checked(options: dict, defaults: dict | None = None):
+    """A command's TrainConfig: every flag refused first, with only click and `config` loaded; then what needs torch
+    or a model (`transfer.checked_config`: an --init-from source's fields, the device)."""
+    config_from_options(dict(options), defaults)
+    from smids_ml.transfer import checked_config
+
+    return checked_config(options, defaults)
+
+
 @click.command("train", cls=Command)
 @config_options()
 @click.option("--experiment", default=TRAIN_EXPERIMENT, show_default=True, help="MLflow experiment name.")
@@ -41,11 +50,10 @@ def train(experiment, run_name, register_as, alias, members, member_models, memb
     labels table, and log everything to MLflow."""
     if alias and not register_as:
         raise SmidsError("--alias needs --register-as")
-    config_from_options(dict(options))  # every flag refused here, before torch and MLflow load
+    cfg = checked(options)
     from smids_ml import train as work
-    from smids_ml.transfer import checked_config
 
-    work.run(checked_config(options), experiment, run_name, register_as, alias, members, member_models, member_recipes)
+    work.run(cfg, experiment, run_name, register_as, alias, members, member_models, member_recipes)
 
 
 @click.command("cv", cls=Command)
@@ -67,11 +75,10 @@ def cv(folds, experiment, run_name, register_as, alias, **options):
     if options.get("split_column"):
         raise SmidsError(f"--split-column {options['split_column']}: cv makes every row a test row once, so a table's "
                          "own split cannot hold; drop the flag (train and tune honour it)")
-    config_from_options(dict(options))  # every flag refused here, before torch and MLflow load
+    cfg = checked(options)
     from smids_ml import cv as work
-    from smids_ml.transfer import checked_config
 
-    work.run(checked_config(options), folds, experiment, run_name, register_as, alias)
+    work.run(cfg, folds, experiment, run_name, register_as, alias)
 
 
 @click.command("tune", cls=Command)
@@ -137,10 +144,9 @@ def tune(sampler, space, n_trials, timeout, pruner, rungs, eta, pruner_startup_t
          storage, register_as, alias, promote, heartbeat, ensemble_top, finalists, folds, refit, budget, ranking,
          ranking_folds, experiment, **options):
     """Search hyperparameters with Optuna; each trial is a nested MLflow run; register the best model."""
-    config_from_options(dict(options), TUNE_DEFAULTS)  # every flag refused here, before torch and MLflow load
+    cfg = checked(options, TUNE_DEFAULTS)
     from smids_ml import tune as work
-    from smids_ml.transfer import checked_config
 
-    work.run(checked_config(options, TUNE_DEFAULTS), sampler, space, n_trials, timeout, pruner, rungs, eta,
+    work.run(cfg, sampler, space, n_trials, timeout, pruner, rungs, eta,
              pruner_startup_trials, pruner_warmup_epochs, study_name, storage, register_as, alias, promote, heartbeat,
              ensemble_top, finalists, folds, refit, budget, ranking, ranking_folds, experiment)

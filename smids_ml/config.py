@@ -22,6 +22,7 @@ from click.core import ParameterSource
 
 from smids_ml import SmidsError
 
+
 class FiniteFloat(click.FloatRange):
     """A number flag that refuses nan and inf while click parses, before torch or MLflow load: they pass every
     comparison of a range, and downstream `int(nan)` is a traceback and `inf` an overflow or a run that never ends."""
@@ -51,6 +52,7 @@ MIN_VALID_CROPS = 150  # from here a validation part ranks trials to within ~3 p
 DEFAULT_RANKING_FOLDS = 3
 JOURNAL = "optuna.journal"  # a journal file: safe for several workers on one machine
 HEARTBEAT_SECONDS = 30
+
 MODELS = ("smids_resnet", "simple_cnn", "improved_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
 MONITORS = ("valid_f1", "valid_acc", "valid_loss")

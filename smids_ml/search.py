@@ -130,9 +130,10 @@ class Search:
               fold_tags: dict | None = None) -> tuple[float, torch.nn.Module | None]:
         """In the trial's run: its value and the network to keep. Ranked on the split, one training. Ranked by folds,
         one nested run per fold (tagged with `fold_tags`: the defaults trial's mark, so a search for its runs finds
-        its folds' curves too; a fold is not a trial, so not `optuna.trial`) and the mean of their best metrics, `fold_K_<monitor>` for each (no one network to
-        keep); only the first fold reports its epochs to the pruner: every trial's first fold is the same, so an
-        epoch pruner compares like with like, at a fraction of a trial's cost."""
+        its folds' curves too; a fold is not a trial, so not `optuna.trial`) and the mean of their best metrics,
+        `fold_K_<monitor>` for each (no one network to keep); only the first fold reports its epochs to the pruner:
+        every trial's first fold is the same, so an epoch pruner compares like with like, at a fraction of a trial's
+        cost."""
         if not self.folds:
             result = run_training(cfg, self.dataset, callbacks=callbacks, log_model=False)
             return result.history.best[cfg.monitor], result.network
